@@ -1,0 +1,812 @@
+"""Online Decision Transformer (ODT).
+
+Paper: Q. Zheng, A. Zhang, A. Grover, "Online Decision Transformer", ICML 2022, arXiv 2202.05607
+(`../shared/papers/001_…`). Offline pretraining of a return-conditioned, stochastic decision
+transformer, then online finetuning: roll out one episode with sampled actions conditioned on a high
+target return g_online, store it in a trajectory-level FIFO replay with its *achieved* returns-to-go
+(hindsight relabeling, Alg. 2), and take 300 gradient steps on the max-entropy sequence-modeling
+objective (eqs. 3-7) between rollouts.
+
+Usage:
+    python odt.py --env-id hopper-medium-v2              # paper hyperparameters (Tables C.1-C.4)
+    python odt.py --env-id hopper-random-v2 --help       # every flag, with its per-dataset default
+    python odt.py --resume runs/<run folder>             # continue a stopped run
+
+Return-to-go convention of this script: RTG tokens are undiscounted suffix sums of the rewards,
+multiplied by `rtg_scale` (0.001 locomotion, 1 AntMaze) and always recomputed from the stored rewards
+(hindsight relabeling): online trajectories are trained on what they achieved.
+
+Deliberate differences from the reference implementation (github.com/facebookresearch/online-dt):
+- The entropy term averages over valid (non-padded) positions only; the reference also averages over
+  padding. The NLL is masked in both.
+- log λ (the entropy temperature) and its optimiser are saved in checkpoints (the reference forgets
+  it), together with the replay buffer and RNG state, so a stopped run resumes without losing progress.
+- LAMB uses Adam's bias correction (as in You et al., 2019, Alg. 2) and clamps ‖w‖ at 10 in the trust
+  ratio; the reference uses torch-optimizer's Lamb without bias correction. Written here in ~25 lines.
+- The transformer is a compact pre-LayerNorm GPT (ReLU MLP, dropout 0.1, N(0, 0.02) init, fused
+  scaled-dot-product attention) instead of a HuggingFace GPT-2; no extra state/return prediction heads
+  (their loss weight is 0 in the reference).
+- Evaluation runs all episodes in a synchronous vector env with fixed seeds; each online episode is
+  reset with a seed derived from the round counter, so resumed runs see the same episodes.
+- Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium
+  MuJoCo v5 environments instead of D4RL on mujoco-py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common.datasets import DatasetError, Episode, OfflineData, load_dataset
+from common.evaluation import evaluate, make_vector_env, rollout
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (part of the run folder name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and environment resets)"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "online-dt"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    capture_video: bool = False
+    """record videos of the first final-evaluation episode into the run folder"""
+    save_model: bool = True
+    """write checkpoints (needed for --resume) and the final model"""
+    env_id: str = "hopper-medium-v2"
+    """dataset/environment: a D4RL name (hopper-random-v2, antmaze-umaze-v2, ...), a Minari id, or a toy"""
+    dataset_path: str | None = None
+    """explicit D4RL .hdf5 file or Minari dataset folder (overrides the lookup)"""
+    generate_steps: int = 1_000_000
+    """size of a locally generated *-random-v2 dataset (env steps)"""
+    pretrain_updates: int | None = None
+    """offline gradient updates before finetuning (None: per-dataset default, Table C.4)"""
+    online_steps: int = 200_000
+    """online environment steps of finetuning (paper Table 5.1: 200k)"""
+    updates_per_round: int = 300
+    """gradient updates after each online rollout (Table C.3)"""
+    eval_interval: int = 10_000
+    """online env steps between evaluations (also evaluated after pretraining and at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes (one vector-env slot each, fixed seeds)"""
+    log_interval: int = 100
+    """gradient updates between metric rows during pretraining (online: one row per round)"""
+    checkpoint_interval: int = 1000
+    """gradient updates between checkpoints (online: rounded up to whole rounds)"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (its saved config is used)"""
+    progress: bool = True
+    """show progress bars"""
+
+    # Algorithm specific arguments
+    embed_dim: int | None = None
+    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    n_layers: int = 4
+    """transformer blocks"""
+    n_heads: int = 4
+    """attention heads"""
+    dropout: float = 0.1
+    """dropout in embeddings, attention and MLP"""
+    context_len: int | None = None
+    """training context length K (None: per-dataset default, 20)"""
+    eval_context_len: int | None = None
+    """context length for evaluation and online rollouts (None: per-dataset default, Table C.4)"""
+    batch_size: int = 256
+    """windows per gradient update"""
+    learning_rate: float | None = None
+    """LAMB learning rate (None: per-dataset default, Table C.4)"""
+    weight_decay: float | None = None
+    """LAMB weight decay (None: per-dataset default, Table C.4)"""
+    warmup_steps: int = 10_000
+    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning"""
+    grad_clip: float = 0.25
+    """global gradient-norm clip"""
+    init_temperature: float = 0.1
+    """initial entropy temperature λ (log λ is learned)"""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of log λ"""
+    target_entropy: float | None = None
+    """entropy lower bound β (None: −dim(A))"""
+    buffer_size: int | None = None
+    """replay capacity in trajectories (None: per-dataset default, 1000 Gym / 1500 AntMaze)"""
+    rtg_scale: float | None = None
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    g_eval: float | None = None
+    """target return for evaluation (None: per-dataset default, Table C.4)"""
+    g_online: float | None = None
+    """target return for exploration rollouts (None: per-dataset default, Table C.4)"""
+    use_timestep_embedding: bool | None = None
+    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, Table C.4)"""
+
+
+# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT paper Table C.4
+# (finetuning); datasets the paper does not list use their family's medium row.
+DATASET_DEFAULTS: dict[str, dict] = {
+    "hopper": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=3600, g_online=7200),
+    "hopper-medium-replay": dict(learning_rate=2e-3, weight_decay=1e-4),
+    "walker2d": dict(pretrain_updates=10000, learning_rate=1e-3, weight_decay=1e-3, g_eval=5000, g_online=10000),
+    "halfcheetah": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=6000, g_online=12000),
+    "ant": dict(pretrain_updates=10000, learning_rate=1.5e-3, weight_decay=1e-4, eval_context_len=1,
+                g_eval=6000, g_online=12000),
+    "ant-medium-replay": dict(learning_rate=1e-4, weight_decay=5e-4),
+    "antmaze": dict(pretrain_updates=7000, buffer_size=1500, learning_rate=1e-3, weight_decay=0.0,
+                    rtg_scale=1.0, g_eval=1, g_online=2, use_timestep_embedding=True),
+    "antmaze-umaze-diverse": dict(embed_dim=1024),
+    # Single-state, single-step toys (algorithms.md §2/§3): condition on the best return r = 1.
+    "toy": dict(pretrain_updates=1000, context_len=1, eval_context_len=1, rtg_scale=1.0, g_eval=1.0,
+                g_online=1.0, buffer_size=1000),
+}
+COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
+                       learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
+                       use_timestep_embedding=False)
+
+
+def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
+    """Fill every field left at None from the per-dataset table; explicit flags always win."""
+    family = "toy" if data.family.startswith("toy") else data.family
+    table = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(family, {}),
+             **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {})}
+    if family not in DATASET_DEFAULTS and data.ref_max_score is not None:
+        # Unknown family: condition on the expert return, explore with twice that (paper App. D).
+        table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
+    table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
+               and getattr(args, f.name) is None]
+    if missing:
+        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
+                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+    return args
+
+
+# ALGO LOGIC: the decision transformer
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        assert dim % n_heads == 0, "embed_dim must be divisible by n_heads"
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.n_heads, self.dropout = n_heads, dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with a ReLU MLP (Table C.1)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, 3K, 3K) mask, True where a token may attend: causal, and never to padding.
+
+    valid: (B, K) step mask. Every token may also attend to itself, so rows of padded tokens are
+    not empty (an all-masked row gives NaN in softmax); padded outputs are excluded from all losses.
+    """
+    tokens = valid.repeat_interleave(3, dim=1)  # (R, s, a) per step
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    return (causal & (tokens[:, None, :] | eye))[:, None]
+
+
+class DecisionTransformer(nn.Module):
+    """GPT over interleaved (R_t, s_t, a_t) tokens; the action is read at the state token (§3.1)."""
+
+    def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
+                 dropout: float, max_ep_len: int, use_timestep_embedding: bool):
+        super().__init__()
+        self.embed_rtg = nn.Linear(1, embed_dim)
+        self.embed_state = nn.Linear(state_dim, embed_dim)
+        self.embed_action = nn.Linear(act_dim, embed_dim)
+        # Off for Gym, on for AntMaze (App. B): without it only the causal mask orders tokens.
+        self.embed_timestep = nn.Embedding(max_ep_len, embed_dim) if use_timestep_embedding else None
+        self.embed_ln = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(embed_dim)
+        self.mu_head = nn.Linear(embed_dim, act_dim)
+        self.log_std_head = nn.Linear(embed_dim, act_dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, rtg, states, actions, timesteps, valid) -> torch.Tensor:
+        """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K), valid (B,K) → (B,K,d) at s_t."""
+        b, k = states.shape[:2]
+        tokens = torch.stack(
+            (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
+        )
+        if self.embed_timestep is not None:
+            tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
+        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+        mask = attention_mask(valid)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+
+    def action_dist(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of the pre-tanh Gaussian; log-std squashed into [−5, 2] (eq. 2)."""
+        return self.mu_head(h), squash_log_std(self.log_std_head(h))
+
+
+# ALGO LOGIC: tanh-squashed Gaussian policy (paper §4)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+ACTION_EPS = 1e-6
+
+
+def squash_log_std(x: torch.Tensor) -> torch.Tensor:
+    return LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(x) + 1)
+
+
+def tanh_log_det(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − tanh(x)²), numerically stable: 2·(log 2 − x − softplus(−2x))."""
+    return 2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
+
+
+def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return (-0.5 * ((x - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def tanh_normal_log_prob(mu: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log π(a) of a = tanh(x), x ~ N(μ, σ²), summed over action dims. Actions are clamped to
+    (−1+ε, 1−ε) first because atanh(±1) is infinite."""
+    x = torch.atanh(actions.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS))
+    return gaussian_log_prob(x, mu, log_std) - tanh_log_det(x).sum(-1)
+
+
+def tanh_normal_rsample(mu: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised sample a = tanh(μ + σ·ε) and its log-probability (no atanh round trip)."""
+    x = mu + log_std.exp() * torch.randn_like(mu)
+    return torch.tanh(x), gaussian_log_prob(x, mu, log_std) - tanh_log_det(x).sum(-1)
+
+
+# ALGO LOGIC: LAMB optimiser (You et al., 2019; ODT App. C)
+class Lamb(torch.optim.Optimizer):
+    """Adam moments + decoupled weight decay, scaled per tensor by the trust ratio ‖w‖ / ‖update‖."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, u_norm = p.norm().clamp(max=10.0), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · min(1, (step+1)/warmup), one schedule from pretraining through finetuning (App. C)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+# ALGO LOGIC: trajectory replay and window sampling
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sums R_t = Σ_{t'≥t} r_t'."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+class TrajectoryReplay:
+    """Trajectory-level FIFO replay (Alg. 1) with length-proportional window sampling (App. F, Alg. 3).
+
+    Trajectories are kept as a list (the state checkpoints save) and mirrored into flat tensors on
+    the training device, rebuilt lazily after a change, so a batch is one fancy-indexing gather.
+    RTGs are recomputed from the stored rewards when a trajectory is added: hindsight relabeling.
+    """
+
+    def __init__(self, capacity: int, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float,
+                 max_ep_len: int, device: torch.device):
+        self.capacity, self.rtg_scale, self.max_ep_len, self.device = capacity, rtg_scale, max_ep_len, device
+        self.state_mean, self.state_std = state_mean.astype(np.float32), state_std.astype(np.float32)
+        self.trajectories: list[dict[str, np.ndarray]] = []
+        self.next_slot = 0  # FIFO pointer once full
+        self._flat: dict[str, torch.Tensor] | None = None
+
+    def add(self, episode: Episode) -> None:
+        traj = {"observations": episode.observations, "actions": episode.actions, "rewards": episode.rewards}
+        if len(self.trajectories) < self.capacity:
+            self.trajectories.append(traj)
+        else:
+            self.trajectories[self.next_slot] = traj  # replace the oldest (paper §4.1)
+            self.next_slot = (self.next_slot + 1) % self.capacity
+        self._flat = None
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def _rebuild(self) -> None:
+        trajs = self.trajectories
+        self.lengths = np.array([len(t["rewards"]) for t in trajs], dtype=np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
+        self.cdf = np.cumsum(self.lengths / self.lengths.sum())
+        cat = lambda key: np.concatenate([t[key] for t in trajs]).astype(np.float32)
+        flat = {
+            "states": (cat("observations") - self.state_mean) / self.state_std,  # frozen normalisation
+            "actions": cat("actions"),
+            "rtg": np.concatenate([returns_to_go(t["rewards"]) for t in trajs]) * self.rtg_scale,
+            "timesteps": np.concatenate([np.arange(n) for n in self.lengths]).clip(max=self.max_ep_len - 1),
+        }
+        self._flat = {k: torch.as_tensor(v).to(self.device) for k, v in flat.items()}
+
+    def sample_indices(self, batch_size: int, context_len: int, rng: np.random.Generator):
+        """Indices into the flat arrays (B, K) and the valid mask (B, K), left-padded.
+
+        A trajectory is drawn with probability ∝ its length, a start uniformly within it, and up to
+        K steps are taken from there (App. F). Short windows are shifted right: padding on the left.
+        """
+        if self._flat is None:
+            self._rebuild()
+        traj = np.searchsorted(self.cdf, rng.random(batch_size) * self.cdf[-1], side="right")
+        traj = np.minimum(traj, len(self.lengths) - 1)
+        length = self.lengths[traj]
+        start = (rng.random(batch_size) * length).astype(np.int64)
+        n_valid = np.minimum(context_len, length - start)
+        pos = np.arange(context_len)
+        pad = (context_len - n_valid)[:, None]
+        valid = pos[None, :] >= pad
+        step = np.where(valid, start[:, None] + pos[None, :] - pad, start[:, None])
+        return self.offsets[traj][:, None] + step, valid
+
+    def sample(self, batch_size: int, context_len: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx, valid = self.sample_indices(batch_size, context_len, rng)
+        idx = torch.as_tensor(idx, device=self.device)
+        valid = torch.as_tensor(valid, device=self.device)
+        batch = {k: v[idx] for k, v in self._flat.items()}
+        batch["states"] = batch["states"] * valid.unsqueeze(-1)  # padded steps are zeros
+        batch["actions"] = batch["actions"] * valid.unsqueeze(-1)
+        batch["rtg"] = batch["rtg"] * valid
+        batch["timesteps"] = batch["timesteps"] * valid
+        batch["valid"] = valid
+        return batch
+
+
+# ALGO LOGIC: losses and the update step
+def odt_losses(model: DecisionTransformer, log_temperature: torch.Tensor, batch: dict, target_entropy: float):
+    """Eq. (7) for θ: −E log π(a|·) − λ·H[π], and the dual loss for log λ; both masked to valid steps."""
+    h = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["valid"])
+    mu, log_std = model.action_dist(h)
+    valid = batch["valid"].float()
+    n_valid = valid.sum()
+    nll = -(tanh_normal_log_prob(mu, log_std, batch["actions"]) * valid).sum() / n_valid
+    _, sample_log_prob = tanh_normal_rsample(mu, log_std)
+    entropy = -(sample_log_prob * valid).sum() / n_valid  # one-sample estimate of H (§4)
+    temperature = log_temperature.exp()
+    policy_loss = nll - temperature.detach() * entropy
+    temperature_loss = temperature * (entropy - target_entropy).detach()  # raises λ when H < β
+    return policy_loss, temperature_loss, {"train/nll": nll, "train/entropy": entropy,
+                                           "train/policy_loss": policy_loss, "train/temperature": temperature}
+
+
+def update(model, optimizer, scheduler, log_temperature, temperature_optimizer, batch, args):
+    model.train()
+    policy_loss, temperature_loss, stats = odt_losses(model, log_temperature, batch, args.target_entropy)
+    optimizer.zero_grad(set_to_none=True)
+    policy_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    temperature_optimizer.zero_grad(set_to_none=True)
+    temperature_loss.backward()
+    temperature_optimizer.step()
+    return {k: v.detach() for k, v in stats.items()}
+
+
+# ALGO LOGIC: acting in the environment
+class DTAgent:
+    """Keeps the per-env context for rollouts (common.evaluation.Policy). All envs step in lockstep,
+    so the window is simply the last `context_len` steps; RTG_{t+1} = RTG_t − r_t (scaled)."""
+
+    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, target_return: float,
+                 sample: bool, device: torch.device, max_ep_len: int):
+        self.model, self.sample, self.device = model, sample, device
+        self.context_len, self.rtg_scale, self.max_ep_len = args.eval_context_len, args.rtg_scale, max_ep_len
+        self.target = target_return * args.rtg_scale
+        self.mean = torch.as_tensor(state_mean, device=device)
+        self.std = torch.as_tensor(state_std, device=device)
+        self.act_dim = model.mu_head.out_features
+
+    def reset(self, obs: np.ndarray) -> None:
+        n, horizon = obs.shape[0], self.max_ep_len + 1
+        self.t = 0
+        self.states = torch.zeros(n, horizon, obs.shape[1], device=self.device)
+        self.actions = torch.zeros(n, horizon, self.act_dim, device=self.device)
+        self.rtg = torch.zeros(n, horizon, device=self.device)
+        self.rtg[:, 0] = self.target
+
+    def _grow(self) -> None:  # episodes longer than the env's time limit (max_steps=None envs)
+        for name in ("states", "actions", "rtg"):
+            buf = getattr(self, name)
+            setattr(self, name, torch.cat((buf, torch.zeros_like(buf)), dim=1))
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.t + 1 >= self.states.shape[1]:
+            self._grow()
+        t = self.t
+        self.states[:, t] = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
+        lo = max(0, t + 1 - self.context_len)
+        steps = torch.arange(lo, t + 1, device=self.device).clamp(max=self.max_ep_len - 1)
+        n = obs.shape[0]
+        self.model.eval()
+        h = self.model(self.rtg[:, lo:t + 1], self.states[:, lo:t + 1], self.actions[:, lo:t + 1],
+                       steps.expand(n, -1), torch.ones(n, t + 1 - lo, dtype=torch.bool, device=self.device))
+        mu, log_std = self.model.action_dist(h[:, -1])
+        action = tanh_normal_rsample(mu, log_std)[0] if self.sample else torch.tanh(mu)
+        self.actions[:, t] = action
+        return action.cpu().numpy()
+
+    def observe(self, rewards: np.ndarray) -> None:
+        r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+        self.rtg[:, self.t + 1] = self.rtg[:, self.t] - r * self.rtg_scale
+        self.t += 1
+
+
+# TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
+class UserError(Exception):
+    """A problem the user can fix; printed as one paragraph without a traceback."""
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class RunLogger:
+    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["global_step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = self.path.open("a")
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
+                                    dir=str(run_dir))
+
+    def log(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["global_step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
+    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    script = Path(__file__).name
+    if args.resume is None:
+        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return args, run_dir, None
+    run_dir = Path(args.resume)
+    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
+                        f"(runs/<env>__<exp>__<seed>__<time>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("script") != script:
+        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
+                        f"not {script}. Resume it with that script.")
+    if not ckpt_path.is_file():
+        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
+                        f"or was started with --no-save-model). Start a new run instead.")
+    fields = {f.name for f in dataclasses.fields(Args)}
+    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
+    saved.resume, saved.progress = args.resume, args.progress
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or corrupt file
+        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
+    return saved, run_dir, checkpoint
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")  # atomic: a crash never leaves a half-written checkpoint
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
+
+
+def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad:
+        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
+                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
+                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
+                "with a lower --learning-rate or --grad-clip")
+        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
+                                 f"Training stopped: {kept}.")
+
+
+def main(args: Args) -> dict:
+    args, run_dir, checkpoint = prepare_run(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
+          f"device {device}, run folder {run_dir}")
+
+    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+    train_envs = make_vector_env(data.make_env, 1)
+    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
+
+    # ALGO LOGIC: model, optimisers, replay
+    model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
+                                args.dropout, max_ep_len, args.use_timestep_embedding).to(device)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
+    replay_args = (data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
+    offline = TrajectoryReplay(len(data.episodes), *replay_args)  # pretraining samples all offline data
+    for episode in data.episodes:
+        offline.add(episode)
+    replay = TrajectoryReplay(args.buffer_size, *replay_args)
+    # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+    ranked = sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]
+    for episode in ranked:
+        replay.add(episode)
+
+    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        with torch.no_grad():
+            log_temperature.copy_(checkpoint["log_temperature"])
+        temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
+        replay.trajectories, replay.next_slot, replay._flat = checkpoint["replay"], checkpoint["replay_next_slot"], None
+        counters.update(checkpoint["counters"])
+        restore_rng_state(rng, checkpoint["rng"])
+        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
+              f"env step {counters['env_steps']}")
+    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
+    stop = StopFlag()
+
+    def checkpoint_now():
+        if args.save_model:
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "log_temperature": log_temperature.detach().cpu(),
+                "temperature_optimizer": temperature_optimizer.state_dict(), "replay": replay.trajectories,
+                "replay_next_slot": replay.next_slot, "counters": dict(counters), "rng": rng_state(rng)})
+
+    def run_eval() -> dict:
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
+        seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
+        return evaluate(eval_envs, agent, seeds, data.normalized_score)
+
+    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
+        if stats_sum is not None and n:
+            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
+            check_finite({k: row[k] for k in keys}, counters, run_dir)
+        row.update(extra)
+        logger.log(row)
+
+    start_time = time.time()
+    stats_keys: list[str] = []
+    stats_sum, n_stats, update_time = None, 0, 0.0
+
+    def train_step(source: TrajectoryReplay) -> None:
+        nonlocal stats_sum, n_stats, update_time, stats_keys
+        t0 = time.perf_counter()
+        stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer,
+                       source.sample(args.batch_size, args.context_len, rng), args)
+        stats_keys = list(stats)
+        vec = torch.stack([stats[k] for k in stats_keys])
+        stats_sum = vec if stats_sum is None else stats_sum + vec
+        n_stats += 1
+        counters["updates"] += 1
+        update_time += time.perf_counter() - t0
+
+    # Offline pretraining (Alg. 1 lines 1-3)
+    last_ckpt = counters["updates"] // args.checkpoint_interval
+    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+               desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
+    while counters["updates"] < args.pretrain_updates and not stop.requested:
+        train_step(offline)
+        bar.update(1)
+        if counters["updates"] % args.log_interval == 0 or counters["updates"] == args.pretrain_updates:
+            flush(stats_sum, n_stats, stats_keys,
+                  {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
+            stats_sum, n_stats, update_time = None, 0, 0.0
+            if counters["updates"] // args.checkpoint_interval > last_ckpt:
+                last_ckpt = counters["updates"] // args.checkpoint_interval
+                checkpoint_now()
+    bar.close()
+    if not stop.requested and not counters["pretrain_evaluated"]:
+        metrics = run_eval()
+        counters["pretrain_evaluated"] = True
+        flush(None, 0, [], {"phase": "pretrain", **metrics})
+        print(f"after pretraining: return {metrics['eval/return_mean']:.1f}, "
+              f"normalized score {metrics['eval/normalized_score_mean']:.2f}")
+        checkpoint_now()
+
+    # Online finetuning (Alg. 1 lines 4-10)
+    bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
+               disable=not args.progress, unit="step", dynamic_ncols=True)
+    last_eval_step = counters["env_steps"] // args.eval_interval
+    while counters["env_steps"] < args.online_steps and not stop.requested:
+        t0 = time.perf_counter()
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online, True, device, max_ep_len)
+        result = rollout(train_envs, agent, [args.seed * 1_000_003 + counters["rounds"]], record=True)
+        rollout_time = time.perf_counter() - t0
+        for episode in result.episodes:
+            replay.add(episode)  # hindsight relabeling happens in the replay: RTG from achieved rewards
+        counters["env_steps"] += result.steps
+        counters["rounds"] += 1
+        for _ in range(args.updates_per_round):
+            train_step(replay)
+        extra = {"phase": "online", "rollout/return": float(result.returns.mean()),
+                 "rollout/length": float(result.lengths.mean()),
+                 "charts/updates_per_second": n_stats / max(update_time, 1e-9),
+                 "charts/SPS": result.steps / max(rollout_time, 1e-9)}
+        if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
+            last_eval_step = counters["env_steps"] // args.eval_interval
+            extra.update(run_eval())
+        flush(stats_sum, n_stats, stats_keys, extra)
+        stats_sum, n_stats, update_time = None, 0, 0.0
+        bar.update(result.steps)
+        bar.set_postfix(ret=f"{result.returns.mean():.1f}")
+        if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
+            last_ckpt = counters["updates"] // args.checkpoint_interval
+            checkpoint_now()
+    bar.close()
+
+    if stop.requested:
+        checkpoint_now()
+        logger.close()
+        print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n"
+              f"  python {Path(__file__).name} --resume {run_dir}")
+        return {"stopped": True, "run_dir": str(run_dir)}
+
+    final = run_eval()
+    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
+               "wall_time_s": time.time() - start_time, **final}
+    flush(None, 0, [], {"phase": "final", **final})
+    if args.capture_video:
+        record_video(model, args, data, device, max_ep_len, run_dir)
+    if args.save_model:
+        torch.save(model.state_dict(), run_dir / "model.pt")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
+    print(f"final: return {final['eval/return_mean']:.1f} ± {final['eval/return_std']:.1f}, normalized score "
+          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    return summary
+
+
+def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
+    try:
+        import imageio.v2 as imageio
+
+        env = data.make_env(render_mode="rgb_array")
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
+        obs, _ = env.reset(seed=10_000 + args.seed * 1000)
+        agent.reset(obs[None].astype(np.float32))
+        frames, done = [env.render()], False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
+            agent.observe(np.array([reward], dtype=np.float32))
+            frames.append(env.render())
+            done = terminated or truncated
+        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
+    except Exception as exc:  # rendering needs a GL backend (MUJOCO_GL=egl or osmesa) and imageio-ffmpeg
+        print(f"warning: --capture-video failed ({exc}); set MUJOCO_GL=egl or osmesa and "
+              f"pip install imageio-ffmpeg", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (UserError, DatasetError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)

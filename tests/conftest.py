@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated dataset cache and a helper that runs a script through its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for 2 CPU cores, big enough to exercise every code path (context > 1, several heads).
+TINY_MODEL = ["--embed-dim", "32", "--n-layers", "1", "--n-heads", "2", "--batch-size", "16",
+              "--context-len", "5", "--eval-context-len", "3", "--warmup-steps", "10", "--no-progress"]
+TINY_HOPPER = ["--env-id", "hopper-random-v2", "--generate-steps", "4000", "--eval-episodes", "2"]
+
+
+@pytest.fixture(scope="session")
+def data_env(tmp_path_factory) -> dict[str, str]:
+    """Environment variables pointing every dataset cache at a temporary folder (never ~/.minari)."""
+    root = tmp_path_factory.mktemp("datasets")
+    env = {
+        "MINARI_DATASETS_PATH": str(root / "minari"),
+        "D4RL_DATASET_DIR": str(root / "d4rl"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_hopper(data_env) -> dict[str, str]:
+    """Generate the 4000-step hopper-random dataset once for the whole session; returns data_env."""
+    result = subprocess.run([sys.executable, "-m", "common.datasets", "hopper-random-v2", "--steps", "4000"],
+                            cwd=REPO, env={**os.environ, **data_env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return data_env
+
+
+def run_script(script: str, *args: str, cwd: Path, env: dict[str, str], timeout: float = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python <repo>/<script> args...` in `cwd` (its runs/ folder lands there)."""
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def only_run_dir(cwd: Path) -> Path:
+    runs = sorted((cwd / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
