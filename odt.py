@@ -88,6 +88,8 @@ class Args:
     """online environment steps of finetuning (paper Table 5.1: 200k)"""
     updates_per_round: int = 300
     """gradient updates after each online rollout (Table C.3)"""
+    min_steps_per_round: int | None = None
+    """collect episodes until at least this many new env steps per round (None: one episode, Alg. 1)"""
     eval_interval: int = 10_000
     """online env steps between evaluations (also evaluated after pretraining and at the end)"""
     eval_episodes: int = 10
@@ -735,28 +737,33 @@ def main(args: Args) -> dict:
     bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
                disable=not args.progress, unit="step", dynamic_ncols=True)
     last_eval_step = counters["env_steps"] // args.eval_interval
+    final, final_at = {}, -1
     while counters["env_steps"] < args.online_steps and not stop.requested:
-        t0 = time.perf_counter()
+        t0, returns, lengths = time.perf_counter(), [], []
         agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online, True, device, max_ep_len)
-        result = rollout(train_envs, agent, [args.seed * 1_000_003 + counters["rounds"]], record=True)
+        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
+            episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000 + len(lengths)
+            result = rollout(train_envs, agent, [episode_seed], record=True)
+            replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
+            returns.append(float(result.returns[0]))
+            lengths.append(int(result.lengths[0]))
         rollout_time = time.perf_counter() - t0
-        for episode in result.episodes:
-            replay.add(episode)  # hindsight relabeling happens in the replay: RTG from achieved rewards
-        counters["env_steps"] += result.steps
+        counters["env_steps"] += sum(lengths)
         counters["rounds"] += 1
         for _ in range(args.updates_per_round):
             train_step(replay)
-        extra = {"phase": "online", "rollout/return": float(result.returns.mean()),
-                 "rollout/length": float(result.lengths.mean()),
+        extra = {"phase": "online", "rollout/return": float(np.mean(returns)),
+                 "rollout/length": float(np.mean(lengths)),
                  "charts/updates_per_second": n_stats / max(update_time, 1e-9),
-                 "charts/SPS": result.steps / max(rollout_time, 1e-9)}
+                 "charts/SPS": sum(lengths) / max(rollout_time, 1e-9)}
         if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
             last_eval_step = counters["env_steps"] // args.eval_interval
             extra.update(run_eval())
+            final, final_at = {k: v for k, v in extra.items() if k.startswith("eval/")}, counters["updates"]
         flush(stats_sum, n_stats, stats_keys, extra)
         stats_sum, n_stats, update_time = None, 0, 0.0
-        bar.update(result.steps)
-        bar.set_postfix(ret=f"{result.returns.mean():.1f}")
+        bar.update(sum(lengths))
+        bar.set_postfix(ret=f"{np.mean(returns):.1f}")
         if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
             last_ckpt = counters["updates"] // args.checkpoint_interval
             checkpoint_now()
@@ -769,7 +776,8 @@ def main(args: Args) -> dict:
               f"  python {Path(__file__).name} --resume {run_dir}")
         return {"stopped": True, "run_dir": str(run_dir)}
 
-    final = run_eval()
+    if final_at != counters["updates"]:  # the last round did not evaluate (or there was no online phase)
+        final = run_eval()
     summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
                "wall_time_s": time.time() - start_time, **final}
     flush(None, 0, [], {"phase": "final", **final})
