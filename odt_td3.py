@@ -1,0 +1,917 @@
+"""Online Decision Transformer + TD3 gradients ("RL gradients as vitamin").
+
+Paper: K. Yan, A. G. Schwing, Y.-X. Wang, "Reinforcement Learning Gradients as Vitamin for Online
+Finetuning Decision Transformers", NeurIPS 2024, arXiv 2410.24108 (`../shared/papers/000_…`; details in
+../shared/specs/algorithms.md §2). ODT (Zheng et al., ICML 2022) cannot improve in local action space
+when pretrained on low-return data: it only has ∂a/∂RTG, while improvement needs ∂RTG/∂a. This script
+is odt.py with (i) a deterministic tanh action head trained by masked MSE (no Gaussian, no entropy),
+(ii) a twin-Q MLP critic on (state, action) trained by TD3 on every valid window position, and (iii) a
+down-weighted TD3 actor term in the transformer's loss: L = MSE + α·(−mean Q1(s_t, μ_t)).
+
+Usage:
+    python odt_td3.py --env-id hopper-random-v2          # paper hyperparameters (Table 9), 500k online steps
+    python odt_td3.py --env-id toy-vitamin-v0            # the motivation toy (paper §3.1)
+    python odt_td3.py --env-id hopper-random-v2 --alpha-online 0        # baseline: deterministic ODT
+    python odt_td3.py --env-id hopper-random-v2 --supervised-coef 0     # baseline "TD3": DT actor, TD3 only
+    python odt_td3.py --resume runs/<run folder>         # continue a stopped run
+
+Return-to-go convention of this script (as odt.py): RTG tokens are undiscounted suffix sums of the
+rewards, multiplied by `rtg_scale` (0.001 locomotion, 1 AntMaze/toys) and always recomputed from the
+stored rewards (hindsight relabeling). The critic sees raw, unscaled rewards (AntMaze: shifted r − 1).
+
+One "update" (the `global_step` counter, --pretrain-updates, --updates-per-round) is one actor update:
+`policy_interval` critic updates on fresh batches, then the actor and both Polyak targets (TD3's delayed
+policy update). So a round has 300 actor and 600 critic updates with the default interval 2.
+
+Deliberate differences from the authors' reference implementation (built on the ODT code):
+- Time-limit truncation is not a terminal: y = r + γ·min Q'(s', ã) bootstraps through it; only true
+  terminations set done = 1. The reference treats the last step of every trajectory as terminal, which
+  biases Q at time limits (Pardo et al., 2018).
+- Next states come from the dataset's next_observations, so the last step of every window (and of
+  every truncated trajectory) is a full transition; no transition is dropped.
+- Target actions come from the Polyak target transformer in eval mode (no dropout) under no_grad.
+- Everything odt.py lists that still applies: LAMB with bias correction, compact pre-LN GPT, fixed
+  evaluation seeds, Gymnasium MuJoCo v5 data, and checkpoints that resume everything (actor, critic,
+  both targets, both optimisers, LR schedule, replay, RNG, counters).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common.datasets import DatasetError, Episode, OfflineData, load_dataset
+from common.evaluation import evaluate, make_vector_env, rollout
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (part of the run folder name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and environment resets)"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "online-dt"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    capture_video: bool = False
+    """record videos of the first final-evaluation episode into the run folder"""
+    save_model: bool = True
+    """write checkpoints (needed for --resume) and the final model"""
+    env_id: str = "hopper-medium-v2"
+    """dataset/environment: a D4RL name (hopper-random-v2, antmaze-umaze-v2, ...), a Minari id, or a toy"""
+    dataset_path: str | None = None
+    """explicit D4RL .hdf5 file or Minari dataset folder (overrides the lookup)"""
+    generate_steps: int = 1_000_000
+    """size of a locally generated *-random-v2 dataset (env steps)"""
+    pretrain_updates: int | None = None
+    """offline actor updates before finetuning (None: per-dataset default, Table 9)"""
+    online_steps: int = 500_000
+    """online environment steps of finetuning (paper: 500k MuJoCo, 1M Adroit/AntMaze/Maze2d)"""
+    updates_per_round: int = 300
+    """actor updates after each online rollout (each follows `policy_interval` critic updates)"""
+    min_steps_per_round: int | None = None
+    """collect episodes until at least this many new env steps per round (None: per-dataset default, 1000 for
+    random datasets, Adroit, AntMaze, Maze2d, else one episode; 0: one episode)"""
+    eval_interval: int = 10_000
+    """online env steps between evaluations (also evaluated after pretraining and at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes (one vector-env slot each, fixed seeds)"""
+    log_interval: int = 100
+    """gradient updates between metric rows during pretraining (online: one row per round)"""
+    checkpoint_interval: int = 1000
+    """gradient updates between checkpoints (online: rounded up to whole rounds)"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (its saved config is used)"""
+    progress: bool = True
+    """show progress bars"""
+
+    # Algorithm specific arguments
+    embed_dim: int | None = None
+    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    n_layers: int = 4
+    """transformer blocks"""
+    n_heads: int = 4
+    """attention heads"""
+    dropout: float = 0.1
+    """dropout in embeddings, attention and MLP"""
+    context_len: int | None = None
+    """training context length K (None: per-dataset default, Table 9)"""
+    eval_context_len: int | None = None
+    """context length for evaluation and online rollouts (None: per-dataset default, Table 9)"""
+    batch_size: int = 256
+    """windows per gradient update (every valid position is a transition for the critic)"""
+    learning_rate: float | None = None
+    """LAMB learning rate of the actor (None: per-dataset default, Table 9)"""
+    weight_decay: float | None = None
+    """LAMB weight decay of the actor (None: per-dataset default, Table 9)"""
+    warmup_steps: int = 10_000
+    """linear learning-rate warm-up of the actor (actor updates), continued from pretraining into finetuning"""
+    grad_clip: float = 0.25
+    """global gradient-norm clip of the actor"""
+    buffer_size: int | None = None
+    """replay capacity in trajectories (None: per-dataset default, Table 9)"""
+    rtg_scale: float | None = None
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    g_eval: float | None = None
+    """target return for evaluation (None: per-dataset default, Table 9)"""
+    g_online: float | None = None
+    """target return for exploration rollouts (None: per-dataset default, Table 9)"""
+    use_timestep_embedding: bool | None = None
+    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, as ODT)"""
+    alpha_pretrain: float | None = None
+    """weight α of the RL actor loss during pretraining (None: 0; 0.1 AntMaze)"""
+    alpha_online: float | None = None
+    """weight α of the RL actor loss during finetuning (None: 0.1; 0 gives a deterministic ODT)"""
+    supervised_coef: float = 1.0
+    """weight of the supervised MSE actor loss (0: the paper's "TD3" baseline, DT actor trained by TD3 only)"""
+    q_normalize: bool = False
+    """divide α by mean|Q| of the batch (TD3+BC's normalisation; off in the paper)"""
+    gamma: float | None = None
+    """discount of the critic (None: 0.99; 0.998 AntMaze)"""
+    tau: float = 0.005
+    """Polyak rate of the actor and critic targets"""
+    policy_interval: int | None = None
+    """critic updates per actor/target update (None: 2; 1 for Adroit, AntMaze, Maze2d)"""
+    policy_noise: float = 0.2
+    """std of the target policy smoothing noise (TD3)"""
+    noise_clip: float = 0.5
+    """clip of the target policy smoothing noise (TD3)"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian noise added to the deterministic action during online rollouts"""
+    critic_lr: float | None = None
+    """AdamW learning rate of the critic (None: 1e-3 MuJoCo, 2e-4 others)"""
+    critic_hidden: int = 256
+    """width of the two hidden layers of each Q network"""
+    critic_layer_norm: bool | None = None
+    """parameter-free LayerNorm after the critic's hidden layers (None: on for Adroit, AntMaze, Maze2d)"""
+    reward_shift: float | None = None
+    """added to every reward the agent trains on and conditions on (None: 0; −1 AntMaze, Table 9)"""
+
+
+# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT+TD3 paper Table 9 (algorithms.md §2);
+# what Table 9 does not list (AntMaze actor lr/wd, RTG scale, timestep embedding) keeps ODT's Table C.4 value.
+SPARSE = dict(critic_lr=2e-4, critic_layer_norm=True, policy_interval=1, min_steps_per_round=1000)  # non-MuJoCo
+ADROIT = dict(SPARSE, context_len=5, eval_context_len=1, learning_rate=1e-4, weight_decay=1e-4,
+              pretrain_updates=40000, buffer_size=5000)
+DATASET_DEFAULTS: dict[str, dict] = {
+    "hopper": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=3600, g_online=7200),
+    "walker2d": dict(pretrain_updates=10000, learning_rate=1e-3, weight_decay=1e-3, g_eval=5000, g_online=10000),
+    "halfcheetah": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=1e-4, g_eval=6000, g_online=12000),
+    "ant": dict(pretrain_updates=5000, learning_rate=1e-3, weight_decay=1e-4, eval_context_len=1,
+                g_eval=6000, g_online=12000),
+    "pen": dict(ADROIT, g_eval=12000, g_online=12000),
+    "hammer": dict(ADROIT, eval_context_len=5, g_eval=16000, g_online=16000),
+    "door": dict(ADROIT, g_eval=4000, g_online=4000),
+    "relocate": dict(ADROIT, g_eval=5000, g_online=5000),
+    # AntMaze: rewards shifted to r − 1, so RTG −100 asks for the goal within 100 steps.
+    "antmaze": dict(SPARSE, context_len=5, eval_context_len=1, pretrain_updates=40000, buffer_size=2000,
+                    learning_rate=1e-3, weight_decay=0.0, rtg_scale=1.0, reward_shift=-1.0, g_eval=-100,
+                    g_online=-100, gamma=0.998, alpha_pretrain=0.1, use_timestep_embedding=True),
+    "antmaze-umaze-diverse": dict(embed_dim=1024),
+    "maze2d": dict(SPARSE),
+    # Single-state, single-step toys (algorithms.md §2/§3): condition on the best return r = 1.
+    "toy": dict(pretrain_updates=1000, context_len=1, eval_context_len=1, rtg_scale=1.0, g_eval=1.0,
+                g_online=1.0, buffer_size=1000),
+}
+COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
+                       learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
+                       use_timestep_embedding=False, alpha_pretrain=0.0, alpha_online=0.1, gamma=0.99,
+                       policy_interval=2, critic_lr=1e-3, critic_layer_norm=False, reward_shift=0.0)
+
+
+def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
+    """Fill every field left at None from the per-dataset table; explicit flags always win."""
+    family = "toy" if data.family.startswith("toy") else data.family
+    table = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(family, {}),
+             **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {})}
+    if "g_eval" not in table and data.ref_max_score is not None:
+        # Unknown family: condition on the expert return, explore with twice that (ODT paper App. D).
+        table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
+    if data.dataset_kind == "random":  # random data: collect ≥ 1000 new transitions per round (algorithms.md §2)
+        table.setdefault("min_steps_per_round", 1000)
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
+               and getattr(args, f.name) is None]
+    if missing:
+        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
+                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+    return args
+
+
+# ALGO LOGIC: the decision transformer
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        assert dim % n_heads == 0, "embed_dim must be divisible by n_heads"
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.n_heads, self.dropout = n_heads, dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with a ReLU MLP (Table C.1)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, 3K, 3K) mask, True where a token may attend: causal, and never to padding.
+
+    valid: (B, K) step mask. Every token may also attend to itself, so rows of padded tokens are
+    not empty (an all-masked row gives NaN in softmax); padded outputs are excluded from all losses.
+    """
+    tokens = valid.repeat_interleave(3, dim=1)  # (R, s, a) per step
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    return (causal & (tokens[:, None, :] | eye))[:, None]
+
+
+class DecisionTransformer(nn.Module):
+    """GPT over interleaved (R_t, s_t, a_t) tokens; the action is read at the state token (§3.1)."""
+
+    def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
+                 dropout: float, max_ep_len: int, use_timestep_embedding: bool):
+        super().__init__()
+        self.embed_rtg = nn.Linear(1, embed_dim)
+        self.embed_state = nn.Linear(state_dim, embed_dim)
+        self.embed_action = nn.Linear(act_dim, embed_dim)
+        # Off for Gym, on for AntMaze (App. B): without it only the causal mask orders tokens.
+        self.embed_timestep = nn.Embedding(max_ep_len, embed_dim) if use_timestep_embedding else None
+        self.embed_ln = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(embed_dim)
+        self.mu_head = nn.Linear(embed_dim, act_dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, rtg, states, actions, timesteps, valid) -> torch.Tensor:
+        """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K), valid (B,K) → (B,K,d) at s_t."""
+        b, k = states.shape[:2]
+        tokens = torch.stack(
+            (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
+        )
+        if self.embed_timestep is not None:
+            tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
+        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+        mask = attention_mask(valid)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        """Deterministic action μ = tanh(Linear(h)) (paper §4: the DT is a TD3 actor; no Gaussian, no entropy)."""
+        return torch.tanh(self.mu_head(h))
+
+
+# ALGO LOGIC: twin-Q critic (paper §4; TD3, Fujimoto et al., 2018)
+class Critic(nn.Module):
+    """Q1, Q2: MLPs 2×256 ReLU on (normalised state, action) only — no RTG, no history. A parameter-free
+    LayerNorm after each hidden layer stabilises the sparse-reward families (Adroit, AntMaze, Maze2d)."""
+
+    def __init__(self, state_dim: int, act_dim: int, hidden: int, layer_norm: bool):
+        super().__init__()
+
+        def q_net() -> nn.Sequential:
+            norm = (lambda: nn.LayerNorm(hidden, elementwise_affine=False)) if layer_norm else nn.Identity
+            return nn.Sequential(nn.Linear(state_dim + act_dim, hidden), norm(), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), norm(), nn.ReLU(), nn.Linear(hidden, 1))
+
+        self.q1, self.q2 = q_net(), q_net()
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat((states, actions), dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """θ' ← τ·θ + (1 − τ)·θ' (TD3, τ = 0.005)."""
+    for t, p in zip(target.parameters(), source.parameters(), strict=True):
+        t.lerp_(p, tau)
+
+
+# ALGO LOGIC: LAMB optimiser (You et al., 2019; ODT App. C)
+class Lamb(torch.optim.Optimizer):
+    """Adam moments + decoupled weight decay, scaled per tensor by the trust ratio ‖w‖ / ‖update‖."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, u_norm = p.norm().clamp(max=10.0), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · min(1, (step+1)/warmup), one schedule from pretraining through finetuning (App. C)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+# ALGO LOGIC: trajectory replay and window sampling
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sums R_t = Σ_{t'≥t} r_t'."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+class TrajectoryReplay:
+    """Trajectory-level FIFO replay (Alg. 1) with length-proportional window sampling (App. F, Alg. 3).
+
+    Trajectories are kept as a list (the state checkpoints save) and mirrored into flat tensors on
+    the training device, rebuilt lazily after a change, so a batch is one fancy-indexing gather.
+    RTGs are recomputed from the stored rewards when a trajectory is added: hindsight relabeling.
+    For the critic every step also carries its raw reward (+ `reward_shift`), the done flag (true
+    terminations only, never time limits) and the next step's state, RTG and timestep, taken from the
+    dataset's next_observations, so the last step of a window is a full transition too.
+    """
+
+    def __init__(self, capacity: int, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float,
+                 max_ep_len: int, device: torch.device, reward_shift: float = 0.0):
+        self.capacity, self.rtg_scale, self.max_ep_len, self.device = capacity, rtg_scale, max_ep_len, device
+        self.reward_shift = reward_shift
+        self.state_mean, self.state_std = state_mean.astype(np.float32), state_std.astype(np.float32)
+        self.trajectories: list[dict[str, np.ndarray]] = []
+        self.next_slot = 0  # FIFO pointer once full
+        self._flat: dict[str, torch.Tensor] | None = None
+
+    def add(self, episode: Episode) -> None:
+        traj = {"observations": episode.observations, "actions": episode.actions, "rewards": episode.rewards,
+                "terminals": episode.terminals, "next_observations": episode.next_observations}
+        if len(self.trajectories) < self.capacity:
+            self.trajectories.append(traj)
+        else:
+            self.trajectories[self.next_slot] = traj  # replace the oldest (paper §4.1)
+            self.next_slot = (self.next_slot + 1) % self.capacity
+        self._flat = None
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def _rebuild(self) -> None:
+        trajs = self.trajectories
+        self.lengths = np.array([len(t["rewards"]) for t in trajs], dtype=np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
+        self.cdf = np.cumsum(self.lengths / self.lengths.sum())
+        cat = lambda key: np.concatenate([t[key] for t in trajs]).astype(np.float32)
+        rtg = [returns_to_go(t["rewards"] + np.float32(self.reward_shift)) for t in trajs]
+        steps = np.concatenate([np.arange(n) for n in self.lengths])
+        flat = {
+            "states": (cat("observations") - self.state_mean) / self.state_std,  # frozen normalisation
+            "actions": cat("actions"),
+            "rtg": np.concatenate(rtg) * self.rtg_scale,
+            "timesteps": steps.clip(max=self.max_ep_len - 1),
+            "rewards": cat("rewards") + np.float32(self.reward_shift),  # raw: the critic's rewards are unscaled
+            "dones": cat("terminals"),  # time-limit truncations bootstrap: not terminal
+            "next_states": (cat("next_observations") - self.state_mean) / self.state_std,
+            "next_rtg": np.concatenate([np.append(r[1:], np.float32(0)) for r in rtg]) * self.rtg_scale,
+            "next_timesteps": (steps + 1).clip(max=self.max_ep_len - 1),
+        }
+        self._flat = {k: torch.as_tensor(v).to(self.device) for k, v in flat.items()}
+
+    def sample_indices(self, batch_size: int, context_len: int, rng: np.random.Generator):
+        """Indices into the flat arrays (B, K) and the valid mask (B, K), left-padded.
+
+        A trajectory is drawn with probability ∝ its length, a start uniformly within it, and up to
+        K steps are taken from there (App. F). Short windows are shifted right: padding on the left.
+        """
+        if self._flat is None:
+            self._rebuild()
+        traj = np.searchsorted(self.cdf, rng.random(batch_size) * self.cdf[-1], side="right")
+        traj = np.minimum(traj, len(self.lengths) - 1)
+        length = self.lengths[traj]
+        start = (rng.random(batch_size) * length).astype(np.int64)
+        n_valid = np.minimum(context_len, length - start)
+        pos = np.arange(context_len)
+        pad = (context_len - n_valid)[:, None]
+        valid = pos[None, :] >= pad
+        step = np.where(valid, start[:, None] + pos[None, :] - pad, start[:, None])
+        return self.offsets[traj][:, None] + step, valid
+
+    def sample(self, batch_size: int, context_len: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx, valid = self.sample_indices(batch_size, context_len, rng)
+        idx = torch.as_tensor(idx, device=self.device)
+        valid = torch.as_tensor(valid, device=self.device)
+        batch = {k: v[idx] for k, v in self._flat.items()}
+        for key, value in batch.items():  # padded steps are zeros
+            batch[key] = value * (valid.unsqueeze(-1) if value.dim() == 3 else valid)
+        batch["valid"] = valid
+        return batch
+
+
+# ALGO LOGIC: losses and the update step
+def shifted_window(batch: dict) -> tuple[torch.Tensor, ...]:
+    """The window one step later, (R_{t+1}, s_{t+1}, a_{t+1}) at every position t: the target actor's input.
+
+    s_{t+1}, R_{t+1} and t+1 come from the sampler (next_observations), a_{t+1} is the window's next action.
+    At the last position a_{t+1} is unknown but never seen: the action is read at the state token, which
+    comes before a_{t+1} (causal mask), so zeros fill it.
+    """
+    valid, actions = batch["valid"], batch["actions"]
+    next_actions = torch.cat((actions[:, 1:], torch.zeros_like(actions[:, :1])), dim=1) * valid.unsqueeze(-1)
+    return batch["next_rtg"], batch["next_states"], next_actions, batch["next_timesteps"], valid
+
+
+def target_actions(model_target: DecisionTransformer, batch: dict, policy_noise: float, noise_clip: float):
+    """ã_t = clamp(μ'(shifted window)_t + clip(ε, −c, c), −1, 1), ε ~ N(0, σ²): TD3 target policy smoothing."""
+    mu = model_target.act(model_target(*shifted_window(batch)))
+    noise = (torch.randn_like(mu) * policy_noise).clamp(-noise_clip, noise_clip)
+    return (mu + noise).clamp(-1.0, 1.0)
+
+
+def td_target(rewards, dones, q1_next, q2_next, gamma: float) -> torch.Tensor:
+    """y = r + γ(1 − done)·min(Q1', Q2')(s', ã) (TD3's clipped double Q). done = 1 only at true terminations."""
+    return rewards + gamma * (1.0 - dones) * torch.minimum(q1_next, q2_next)
+
+
+def critic_loss(critic: Critic, critic_target: Critic, model_target: DecisionTransformer, batch: dict, args):
+    """Σ_i mean_valid (Q_i(s_t, a_t) − y_t)² over every valid position of every window (algorithms.md §2)."""
+    with torch.no_grad():  # the target actor's forward pass builds no autograd graph
+        next_actions = target_actions(model_target, batch, args.policy_noise, args.noise_clip)
+        y = td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions),
+                      args.gamma)
+    q1, q2 = critic(batch["states"], batch["actions"])
+    valid = batch["valid"].float()
+    n_valid = valid.sum()
+    loss = (((q1 - y) ** 2 + (q2 - y) ** 2) * valid).sum() / n_valid
+    return loss, {"train/critic_loss": loss, "train/q_mean": (q1.detach() * valid).sum() / n_valid}
+
+
+def actor_loss(model: DecisionTransformer, critic: Critic, batch: dict, alpha: float, args):
+    """c·MSE(μ_t, a_t) + α·(−mean_valid Q1(s_t, μ_t)) over all valid positions (poster "Practical Solution");
+    with --q-normalize α is divided by mean|Q1| (TD3+BC). The critic's own gradients from this loss are
+    discarded (its next update starts with zero_grad)."""
+    h = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["valid"])
+    mu = model.act(h)
+    valid = batch["valid"].float()
+    n_valid = valid.sum()
+    supervised = (((mu - batch["actions"]) ** 2).mean(-1) * valid).sum() / n_valid
+    q = critic.q1(torch.cat((batch["states"], mu), dim=-1)).squeeze(-1)
+    rl = -(q * valid).sum() / n_valid
+    weight = alpha / ((q.abs() * valid).sum() / n_valid).detach().clamp(min=1e-6) if args.q_normalize else alpha
+    loss = args.supervised_coef * supervised + weight * rl
+    return loss, {"train/supervised_loss": supervised, "train/actor_rl_loss": rl, "train/actor_loss": loss}
+
+
+def update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer, batches, alpha, args):
+    """One actor update after `policy_interval` critic updates, one per batch (TD3's delayed policy update);
+    both targets follow by Polyak averaging after the actor update."""
+    model.train()
+    critic_stats = []
+    for batch in batches:
+        loss, stats = critic_loss(critic, critic_target, model_target, batch, args)
+        critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        critic_optimizer.step()
+        critic_stats.append(stats)
+    loss, stats = actor_loss(model, critic, batches[-1], alpha, args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    polyak_update(model_target, model, args.tau)
+    polyak_update(critic_target, critic, args.tau)
+    stats.update({k: torch.stack([s[k] for s in critic_stats]).mean() for k in critic_stats[0]})
+    return {k: v.detach() for k, v in stats.items()}
+
+
+# ALGO LOGIC: acting in the environment
+class DTAgent:
+    """Keeps the per-env context for rollouts (common.evaluation.Policy). All envs step in lockstep,
+    so the window is simply the last `context_len` steps; RTG_{t+1} = RTG_t − r_t (scaled). Acts with the
+    deterministic action plus N(0, noise²) exploration noise, clipped to the action range (TD3)."""
+
+    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, target_return: float,
+                 noise: float, device: torch.device, max_ep_len: int):
+        self.model, self.noise, self.device = model, noise, device
+        self.context_len, self.rtg_scale, self.max_ep_len = args.eval_context_len, args.rtg_scale, max_ep_len
+        self.reward_shift = args.reward_shift
+        self.target = target_return * args.rtg_scale
+        self.mean = torch.as_tensor(state_mean, device=device)
+        self.std = torch.as_tensor(state_std, device=device)
+        self.act_dim = model.mu_head.out_features
+
+    def reset(self, obs: np.ndarray) -> None:
+        n, horizon = obs.shape[0], self.max_ep_len + 1
+        self.t = 0
+        self.states = torch.zeros(n, horizon, obs.shape[1], device=self.device)
+        self.actions = torch.zeros(n, horizon, self.act_dim, device=self.device)
+        self.rtg = torch.zeros(n, horizon, device=self.device)
+        self.rtg[:, 0] = self.target
+
+    def _grow(self) -> None:  # episodes longer than the env's time limit (max_steps=None envs)
+        for name in ("states", "actions", "rtg"):
+            buf = getattr(self, name)
+            setattr(self, name, torch.cat((buf, torch.zeros_like(buf)), dim=1))
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.t + 1 >= self.states.shape[1]:
+            self._grow()
+        t = self.t
+        self.states[:, t] = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
+        lo = max(0, t + 1 - self.context_len)
+        steps = torch.arange(lo, t + 1, device=self.device).clamp(max=self.max_ep_len - 1)
+        n = obs.shape[0]
+        self.model.eval()
+        h = self.model(self.rtg[:, lo:t + 1], self.states[:, lo:t + 1], self.actions[:, lo:t + 1],
+                       steps.expand(n, -1), torch.ones(n, t + 1 - lo, dtype=torch.bool, device=self.device))
+        action = self.model.act(h[:, -1])
+        if self.noise > 0:
+            action = (action + self.noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+        self.actions[:, t] = action  # the context holds the executed (noisy) action, as the replay does
+        return action.cpu().numpy()
+
+    def observe(self, rewards: np.ndarray) -> None:
+        r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+        self.rtg[:, self.t + 1] = self.rtg[:, self.t] - (r + self.reward_shift) * self.rtg_scale
+        self.t += 1
+
+
+# TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
+class UserError(Exception):
+    """A problem the user can fix; printed as one paragraph without a traceback."""
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class RunLogger:
+    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["global_step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = self.path.open("a")
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
+                                    dir=str(run_dir))
+
+    def log(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["global_step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
+    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    script = Path(__file__).name
+    if args.resume is None:
+        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return args, run_dir, None
+    run_dir = Path(args.resume)
+    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
+                        f"(runs/<env>__<exp>__<seed>__<time>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("script") != script:
+        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
+                        f"not {script}. Resume it with that script.")
+    if not ckpt_path.is_file():
+        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
+                        f"or was started with --no-save-model). Start a new run instead.")
+    fields = {f.name for f in dataclasses.fields(Args)}
+    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
+    saved.resume, saved.progress = args.resume, args.progress
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or corrupt file
+        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
+    return saved, run_dir, checkpoint
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")  # atomic: a crash never leaves a half-written checkpoint
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
+
+
+def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad:
+        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
+                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
+                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
+                "with a lower --learning-rate or --grad-clip")
+        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
+                                 f"Training stopped: {kept}.")
+
+
+def main(args: Args) -> dict:
+    args, run_dir, checkpoint = prepare_run(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
+          f"device {device}, run folder {run_dir}")
+
+    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+    train_envs = make_vector_env(data.make_env, 1)
+    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
+
+    # ALGO LOGIC: model, optimisers, replay
+    model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
+                                args.dropout, max_ep_len, args.use_timestep_embedding).to(device)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    model_target = copy.deepcopy(model).requires_grad_(False).eval()  # Polyak copy of the whole transformer
+    critic = Critic(data.obs_dim, data.act_dim, args.critic_hidden, args.critic_layer_norm).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    replay_args = (data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device, args.reward_shift)
+    offline = TrajectoryReplay(len(data.episodes), *replay_args)  # pretraining samples all offline data
+    for episode in data.episodes:
+        offline.add(episode)
+    replay = TrajectoryReplay(args.buffer_size, *replay_args)
+    # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+    ranked = sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]
+    for episode in ranked:
+        replay.add(episode)
+
+    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        model_target.load_state_dict(checkpoint["model_target"])
+        critic.load_state_dict(checkpoint["critic"])
+        critic_target.load_state_dict(checkpoint["critic_target"])
+        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        replay.trajectories, replay.next_slot, replay._flat = checkpoint["replay"], checkpoint["replay_next_slot"], None
+        counters.update(checkpoint["counters"])
+        restore_rng_state(rng, checkpoint["rng"])
+        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
+              f"env step {counters['env_steps']}")
+    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
+    stop = StopFlag()
+
+    def checkpoint_now():
+        if args.save_model:
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model_target": model_target.state_dict(), "critic": critic.state_dict(),
+                "critic_target": critic_target.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
+                "replay": replay.trajectories,
+                "replay_next_slot": replay.next_slot, "counters": dict(counters), "rng": rng_state(rng)})
+
+    def run_eval() -> dict:
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, 0.0, device, max_ep_len)
+        seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
+        return evaluate(eval_envs, agent, seeds, data.normalized_score)
+
+    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
+        if stats_sum is not None and n:
+            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
+            check_finite({k: row[k] for k in keys}, counters, run_dir)
+        row.update(extra)
+        logger.log(row)
+
+    start_time = time.time()
+    stats_keys: list[str] = []
+    stats_sum, n_stats, update_time = None, 0, 0.0
+
+    def train_step(source: TrajectoryReplay, alpha: float) -> None:
+        nonlocal stats_sum, n_stats, update_time, stats_keys
+        t0 = time.perf_counter()
+        batches = [source.sample(args.batch_size, args.context_len, rng) for _ in range(args.policy_interval)]
+        stats = update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer, batches,
+                       alpha, args)
+        stats_keys = list(stats)
+        vec = torch.stack([stats[k] for k in stats_keys])
+        stats_sum = vec if stats_sum is None else stats_sum + vec
+        n_stats += 1
+        counters["updates"] += 1
+        update_time += time.perf_counter() - t0
+
+    # Offline pretraining (Alg. 1 lines 1-3)
+    last_ckpt = counters["updates"] // args.checkpoint_interval
+    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+               desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
+    while counters["updates"] < args.pretrain_updates and not stop.requested:
+        train_step(offline, args.alpha_pretrain)  # critic trained during pretraining too; α_pre = 0 except AntMaze
+        bar.update(1)
+        if counters["updates"] % args.log_interval == 0 or counters["updates"] == args.pretrain_updates:
+            flush(stats_sum, n_stats, stats_keys,
+                  {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
+            stats_sum, n_stats, update_time = None, 0, 0.0
+            if counters["updates"] // args.checkpoint_interval > last_ckpt:
+                last_ckpt = counters["updates"] // args.checkpoint_interval
+                checkpoint_now()
+    bar.close()
+    if not stop.requested and not counters["pretrain_evaluated"]:
+        metrics = run_eval()
+        counters["pretrain_evaluated"] = True
+        flush(None, 0, [], {"phase": "pretrain", **metrics})
+        print(f"after pretraining: return {metrics['eval/return_mean']:.1f}, "
+              f"normalized score {metrics['eval/normalized_score_mean']:.2f}")
+        checkpoint_now()
+
+    # Online finetuning (Alg. 1 lines 4-10)
+    bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
+               disable=not args.progress, unit="step", dynamic_ncols=True)
+    last_eval_step = counters["env_steps"] // args.eval_interval
+    final, final_at = {}, -1
+    while counters["env_steps"] < args.online_steps and not stop.requested:
+        t0, returns, lengths = time.perf_counter(), [], []
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online, args.exploration_noise, device,
+                        max_ep_len)
+        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
+            episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000 + len(lengths)
+            result = rollout(train_envs, agent, [episode_seed], record=True)
+            replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
+            returns.append(float(result.returns[0]))
+            lengths.append(int(result.lengths[0]))
+        rollout_time = time.perf_counter() - t0
+        counters["env_steps"] += sum(lengths)
+        counters["rounds"] += 1
+        for _ in range(args.updates_per_round):
+            train_step(replay, args.alpha_online)
+        extra = {"phase": "online", "rollout/return": float(np.mean(returns)),
+                 "rollout/length": float(np.mean(lengths)),
+                 "charts/updates_per_second": n_stats / max(update_time, 1e-9),
+                 "charts/SPS": sum(lengths) / max(rollout_time, 1e-9)}
+        if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
+            last_eval_step = counters["env_steps"] // args.eval_interval
+            extra.update(run_eval())
+            final, final_at = {k: v for k, v in extra.items() if k.startswith("eval/")}, counters["updates"]
+        flush(stats_sum, n_stats, stats_keys, extra)
+        stats_sum, n_stats, update_time = None, 0, 0.0
+        bar.update(sum(lengths))
+        bar.set_postfix(ret=f"{np.mean(returns):.1f}")
+        if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
+            last_ckpt = counters["updates"] // args.checkpoint_interval
+            checkpoint_now()
+    bar.close()
+
+    if stop.requested:
+        checkpoint_now()
+        logger.close()
+        print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n"
+              f"  python {Path(__file__).name} --resume {run_dir}")
+        return {"stopped": True, "run_dir": str(run_dir)}
+
+    if final_at != counters["updates"]:  # the last round did not evaluate (or there was no online phase)
+        final = run_eval()
+    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
+               "wall_time_s": time.time() - start_time, **final}
+    flush(None, 0, [], {"phase": "final", **final})
+    if args.capture_video:
+        record_video(model, args, data, device, max_ep_len, run_dir)
+    if args.save_model:
+        torch.save(model.state_dict(), run_dir / "model.pt")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
+    print(f"final: return {final['eval/return_mean']:.1f} ± {final['eval/return_std']:.1f}, normalized score "
+          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    return summary
+
+
+def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
+    try:
+        import imageio.v2 as imageio
+
+        env = data.make_env(render_mode="rgb_array")
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, 0.0, device, max_ep_len)
+        obs, _ = env.reset(seed=10_000 + args.seed * 1000)
+        agent.reset(obs[None].astype(np.float32))
+        frames, done = [env.render()], False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
+            agent.observe(np.array([reward], dtype=np.float32))
+            frames.append(env.render())
+            done = terminated or truncated
+        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
+    except Exception as exc:  # rendering needs a GL backend (MUJOCO_GL=egl or osmesa) and imageio-ffmpeg
+        print(f"warning: --capture-video failed ({exc}); set MUJOCO_GL=egl or osmesa and "
+              f"pip install imageio-ffmpeg", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (UserError, DatasetError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
