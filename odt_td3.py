@@ -192,9 +192,10 @@ DATASET_DEFAULTS: dict[str, dict] = {
                     g_online=-100, gamma=0.998, alpha_pretrain=0.1, use_timestep_embedding=True),
     "antmaze-umaze-diverse": dict(embed_dim=1024),
     "maze2d": dict(SPARSE),
-    # Single-state, single-step toys (algorithms.md §2/§3): condition on the best return r = 1.
+    # Single-state, single-step toys (algorithms.md §2/§3): condition on the best return r = 1. Rewards in
+    # [−1, 1] make |Q| ≈ 0.1, ~1000× smaller than in MuJoCo; α = 1 keeps the RL term comparable.
     "toy": dict(pretrain_updates=1000, context_len=1, eval_context_len=1, rtg_scale=1.0, g_eval=1.0,
-                g_online=1.0, buffer_size=1000),
+                g_online=1.0, buffer_size=1000, alpha_online=1.0),
 }
 COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
                        learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
@@ -490,12 +491,16 @@ def td_target(rewards, dones, q1_next, q2_next, gamma: float) -> torch.Tensor:
     return rewards + gamma * (1.0 - dones) * torch.minimum(q1_next, q2_next)
 
 
+@torch.no_grad()  # the target actor's forward pass builds no autograd graph
+def critic_targets(critic_target: Critic, model_target: DecisionTransformer, batch: dict, args) -> torch.Tensor:
+    """y_t (B, K) for every window position: each valid position is a transition (s_t, a_t, r_t, s'_t, done_t)."""
+    next_actions = target_actions(model_target, batch, args.policy_noise, args.noise_clip)
+    return td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions), args.gamma)
+
+
 def critic_loss(critic: Critic, critic_target: Critic, model_target: DecisionTransformer, batch: dict, args):
     """Σ_i mean_valid (Q_i(s_t, a_t) − y_t)² over every valid position of every window (algorithms.md §2)."""
-    with torch.no_grad():  # the target actor's forward pass builds no autograd graph
-        next_actions = target_actions(model_target, batch, args.policy_noise, args.noise_clip)
-        y = td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions),
-                      args.gamma)
+    y = critic_targets(critic_target, model_target, batch, args)
     q1, q2 = critic(batch["states"], batch["actions"])
     valid = batch["valid"].float()
     n_valid = valid.sum()

@@ -96,7 +96,7 @@ def rollout(
         for i in range(n):
             length = int(lengths[i])
             term = stacked["term"][i, :length].astype(bool)
-            trunc = stacked["trunc"][i, :length].astype(bool)
+            trunc = stacked["trunc"][i, :length].astype(bool) & ~term  # a terminal step is never "cut"
             if length and not term[-1]:
                 trunc[-1] = True  # cut by a time limit (env's or max_steps): bootstrap through it
             episodes.append(

@@ -1,0 +1,1174 @@
+"""Decision Transformer + GRPO: online finetuning with pure RL gradients.
+
+Paper: J. Luo, Y. Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167
+(`../shared/papers/003_…`; only the abstract is public, the rest follows ../shared/specs/algorithms.md §4).
+Offline pretraining is exactly ODT's (stochastic tanh-Gaussian DT, NLL + entropy with a learned
+temperature, LAMB, warm-up; `diff odt.py dt_grpo.py` shows only the online algorithm). Online, every
+round (1) rolls out one *reference* episode, (2) picks branch points along it where the policy's
+predicted action variance is highest (active sampling), (3) restores the simulator to each branch state
+and rolls out a group of G sub-trajectories of L sampled steps, each scored by its L-step return plus a
+deterministic continuation of up to L_eval steps, (4) normalises scores within each group into
+advantages and (5) takes PPO-clipped steps on the *sequence-level* importance ratio
+exp(Σ_t log π_θ − Σ_t log π_old) of each sub-trajectory, with an entropy bonus and an optional KL to the
+frozen pretrained policy. There is no supervised term online.
+
+Usage:
+    python dt_grpo.py --env-id hopper-random-v2                 # per-dataset defaults (table below)
+    python dt_grpo.py --env-id toy-vitamin-v0                   # the ODT+TD3 motivation toy
+    python dt_grpo.py --env-id hopper-random-v2 --relabel       # ablation: ODT's hindsight relabeling
+    python dt_grpo.py --resume runs/<run folder>
+
+Return-to-go convention of this script: RTG tokens are undiscounted returns-to-go multiplied by
+`rtg_scale`, and are NOT relabeled online: a stored sub-trajectory keeps the tokens it was rolled out
+with (RTG_{t+1} = RTG_t − r_t·scale from the target g_online), so π_old and π_θ are the same conditional
+and the ratio of fresh data is exactly 1 (paper abstract: relabeling breaks importance sampling).
+Offline pretraining windows are relabeled as in ODT (there the RTGs are the achieved ones anyway).
+
+Choices the abstract leaves open (each is a flag; defaults per dataset family in GRPO_DEFAULTS):
+- Branching: every member env is reset with the reference episode's seed, then MuJoCo's qpos/qvel are
+  restored with `set_state` and the TimeLimit step counter is set to the branch step (--group-size,
+  --sub-len, --cont-len, --groups-per-round). The DT context before the branch point (last
+  eval_context_len − 1 steps of the reference, with its RTG tokens) is shared by the whole group. Envs
+  without `set_state` are refused, except the single-state toys, whose only branch point t=0 is a reset.
+- Reference trajectory: one episode per round with the mean action (--reference-sample samples instead);
+  its env steps count. Active sampling = the `groups_per_round` steps with the largest Σ_dims σ² of the
+  pre-tanh Gaussian (--branch-sampling uniform for the ablation); positions repeat when the episode is
+  shorter than the number of groups (the toys: every group branches at t=0).
+- Scores use raw rewards; advantages (R_i − mean)/(std + --adv-eps) with the population std of the group.
+- Sequence ratio over the member's valid steps (steps after a termination are masked), log-ratio clamped
+  at ±--max-log-ratio before exp (numerical guard), clip at --clip-eps, loss = −mean_members min(ρA,
+  clip(ρ)A). π_old is recomputed right after collection on the rollout windows (eval mode) — identical to
+  the rollout-time log-likelihood, without batch-shape rounding — and π_θ is evaluated on the same
+  windows, context length = eval_context_len, i.e. exactly what the policy saw when acting.
+- Dropout is off during GRPO updates (--online-dropout turns it on): otherwise ρ ≠ 1 on-policy.
+- Entropy bonus: by default ODT's learned temperature λ with its dual update continued (entropy stays
+  above β = −dim A); --entropy-coef fixes it. KL to the pretrained policy: k3 estimator
+  exp(d) − d − 1, d = log π_ref − log π_θ on the taken actions, weight --kl-coef (default 0).
+- Optimiser: a fresh Adam (--online-learning-rate), global grad-norm clip --grad-clip as in pretraining;
+  --grpo-epochs passes over the round's members in minibatches of --grpo-minibatch members.
+- Targets: g_online = g_eval by default. Without relabeling the improved policy is the one conditioned on
+  the rollout RTG, so exploring at ODT's 2×expert target would improve a conditional never evaluated.
+- ODT's --updates-per-round and --min-steps-per-round (common block of Args) are not used: a round is
+  one reference episode plus groups_per_round groups, and grpo_epochs × minibatches updates.
+
+Deliberate differences from the reference implementation (ODT: github.com/facebookresearch/online-dt;
+no DT+GRPO code is public), for the pretraining part shared with odt.py:
+- The entropy term averages over valid (non-padded) positions only; the reference also averages over
+  padding. The NLL is masked in both.
+- log λ (the entropy temperature) and its optimiser are saved in checkpoints (the reference forgets
+  it), together with the online optimiser, the frozen pretrained policy and RNG state, so a stopped
+  run resumes without losing progress.
+- LAMB uses Adam's bias correction (as in You et al., 2019, Alg. 2) and clamps ‖w‖ at 10 in the trust
+  ratio; the reference uses torch-optimizer's Lamb without bias correction. Written here in ~25 lines.
+- The transformer is a compact pre-LayerNorm GPT (ReLU MLP, dropout 0.1, N(0, 0.02) init, fused
+  scaled-dot-product attention) instead of a HuggingFace GPT-2; no extra state/return prediction heads
+  (their loss weight is 0 in the reference).
+- Evaluation runs all episodes in a synchronous vector env with fixed seeds; each online reference
+  episode is reset with a seed derived from the round counter, so resumed runs see the same episodes.
+- Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium
+  MuJoCo v5 environments instead of D4RL on mujoco-py.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common.datasets import DatasetError, Episode, OfflineData, load_dataset
+from common.evaluation import evaluate, make_vector_env
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (part of the run folder name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and environment resets)"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "online-dt"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    capture_video: bool = False
+    """record videos of the first final-evaluation episode into the run folder"""
+    save_model: bool = True
+    """write checkpoints (needed for --resume) and the final model"""
+    env_id: str = "hopper-medium-v2"
+    """dataset/environment: a D4RL name (hopper-random-v2, antmaze-umaze-v2, ...), a Minari id, or a toy"""
+    dataset_path: str | None = None
+    """explicit D4RL .hdf5 file or Minari dataset folder (overrides the lookup)"""
+    generate_steps: int = 1_000_000
+    """size of a locally generated *-random-v2 dataset (env steps)"""
+    pretrain_updates: int | None = None
+    """offline gradient updates before finetuning (None: per-dataset default, Table C.4)"""
+    online_steps: int = 200_000
+    """online environment steps of finetuning (paper Table 5.1: 200k)"""
+    updates_per_round: int = 300
+    """gradient updates after each online rollout (Table C.3)"""
+    min_steps_per_round: int | None = None
+    """collect episodes until at least this many new env steps per round (None: one episode, Alg. 1)"""
+    eval_interval: int = 10_000
+    """online env steps between evaluations (also evaluated after pretraining and at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes (one vector-env slot each, fixed seeds)"""
+    log_interval: int = 100
+    """gradient updates between metric rows during pretraining (online: one row per round)"""
+    checkpoint_interval: int = 1000
+    """gradient updates between checkpoints (online: rounded up to whole rounds)"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (its saved config is used)"""
+    progress: bool = True
+    """show progress bars"""
+
+    # Algorithm specific arguments
+    embed_dim: int | None = None
+    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    n_layers: int = 4
+    """transformer blocks"""
+    n_heads: int = 4
+    """attention heads"""
+    dropout: float = 0.1
+    """dropout in embeddings, attention and MLP"""
+    context_len: int | None = None
+    """training context length K (None: per-dataset default, 20)"""
+    eval_context_len: int | None = None
+    """context length for evaluation and online rollouts (None: per-dataset default, Table C.4)"""
+    batch_size: int = 256
+    """windows per gradient update"""
+    learning_rate: float | None = None
+    """LAMB learning rate (None: per-dataset default, Table C.4)"""
+    weight_decay: float | None = None
+    """LAMB weight decay (None: per-dataset default, Table C.4)"""
+    warmup_steps: int = 10_000
+    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning"""
+    grad_clip: float = 0.25
+    """global gradient-norm clip"""
+    init_temperature: float = 0.1
+    """initial entropy temperature λ (log λ is learned)"""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of log λ"""
+    target_entropy: float | None = None
+    """entropy lower bound β (None: −dim(A))"""
+    buffer_size: int | None = None
+    """replay capacity in trajectories (None: per-dataset default, 1000 Gym / 1500 AntMaze)"""
+    rtg_scale: float | None = None
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    g_eval: float | None = None
+    """target return for evaluation (None: per-dataset default, Table C.4)"""
+    g_online: float | None = None
+    """target return for exploration rollouts (None: per-dataset default, Table C.4)"""
+    use_timestep_embedding: bool | None = None
+    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, Table C.4)"""
+    # GRPO online finetuning (algorithms.md §4); None: per-dataset default from GRPO_DEFAULTS
+    group_size: int | None = None
+    """G: sampled sub-trajectories per group, all branched from the same simulator state"""
+    sub_len: int | None = None
+    """L: sampled steps per sub-trajectory (the steps the sequence-level ratio covers)"""
+    cont_len: int | None = None
+    """L_eval: deterministic (mean-action) continuation steps added to each member's score"""
+    groups_per_round: int | None = None
+    """groups (branch points) per round, rolled out together in one lockstep batch of envs"""
+    clip_eps: float | None = None
+    """PPO clip ε of the sequence-level ratio"""
+    online_learning_rate: float | None = None
+    """Adam learning rate of the GRPO phase"""
+    grpo_epochs: int | None = None
+    """passes over each round's members"""
+    grpo_minibatch: int | None = None
+    """members per gradient update (0: all members of the round, one update per epoch)"""
+    entropy_coef: float | None = None
+    """entropy bonus weight (None: ODT's learned temperature λ, its dual update continued)"""
+    kl_coef: float = 0.0
+    """weight of the KL to the frozen pretrained policy (k3 estimator); 0 switches it off"""
+    adv_eps: float = 1e-6
+    """ε of the group normalisation (R_i − mean) / (std + ε)"""
+    max_log_ratio: float = 20.0
+    """clamp of the sequence log-ratio before exp (numerical guard only)"""
+    branch_sampling: Literal["variance", "uniform"] = "variance"
+    """active sampling: branch where the predicted action variance is highest, or uniformly (ablation)"""
+    reference_sample: bool = False
+    """roll the per-round reference episode with sampled actions (default: mean action)"""
+    online_dropout: bool = False
+    """keep dropout on in GRPO updates (off: π_θ equals π_old on fresh data)"""
+    relabel: bool = False
+    """ablation: hindsight-relabel the RTG tokens of online windows with achieved returns (ODT)"""
+
+
+# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT paper Table C.4
+# (finetuning); datasets the paper does not list use their family's medium row.
+DATASET_DEFAULTS: dict[str, dict] = {
+    "hopper": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=3600, g_online=7200),
+    "hopper-medium-replay": dict(learning_rate=2e-3, weight_decay=1e-4),
+    "walker2d": dict(pretrain_updates=10000, learning_rate=1e-3, weight_decay=1e-3, g_eval=5000, g_online=10000),
+    "halfcheetah": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=6000, g_online=12000),
+    "ant": dict(pretrain_updates=10000, learning_rate=1.5e-3, weight_decay=1e-4, eval_context_len=1,
+                g_eval=6000, g_online=12000),
+    "ant-medium-replay": dict(learning_rate=1e-4, weight_decay=5e-4),
+    "antmaze": dict(pretrain_updates=7000, buffer_size=1500, learning_rate=1e-3, weight_decay=0.0,
+                    rtg_scale=1.0, g_eval=1, g_online=2, use_timestep_embedding=True),
+    "antmaze-umaze-diverse": dict(embed_dim=1024),
+    # Single-state, single-step toys (algorithms.md §2/§3): condition on the best return r = 1.
+    "toy": dict(pretrain_updates=1000, context_len=1, eval_context_len=1, rtg_scale=1.0, g_eval=1.0,
+                g_online=1.0, buffer_size=1000),
+}
+COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
+                       learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
+                       use_timestep_embedding=False)
+# GRPO phase (our choices; the abstract gives no numbers). Same key lookup as above.
+GRPO_DEFAULTS: dict[str, dict] = {
+    "toy": dict(group_size=16, sub_len=1, cont_len=0, groups_per_round=4, online_learning_rate=1e-3,
+                grpo_epochs=4, grpo_minibatch=0),
+    "antmaze": dict(sub_len=20, cont_len=200),
+}
+GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=40, groups_per_round=4, clip_eps=0.2,
+                            online_learning_rate=5e-5, grpo_epochs=4, grpo_minibatch=8)
+
+
+def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
+    """Fill every field left at None from the per-dataset table; explicit flags always win."""
+    family = "toy" if data.family.startswith("toy") else data.family
+    table = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(family, {}),
+             **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {}),
+             **GRPO_COMMON_DEFAULTS, **GRPO_DEFAULTS.get(family, {}),
+             **GRPO_DEFAULTS.get(f"{family}-{data.dataset_kind}", {})}
+    if family not in DATASET_DEFAULTS and data.ref_max_score is not None:
+        # Unknown family: condition on the expert return (paper App. D).
+        table.update(g_eval=data.ref_max_score)
+    # No relabeling: the conditional that GRPO improves is the rollout one, so roll out at g_eval.
+    table["g_online"] = table.get("g_eval")
+    table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
+               and getattr(args, f.name) is None]
+    if missing:
+        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
+                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+    return args
+
+
+# ALGO LOGIC: the decision transformer
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        assert dim % n_heads == 0, "embed_dim must be divisible by n_heads"
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.n_heads, self.dropout = n_heads, dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with a ReLU MLP (Table C.1)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, 3K, 3K) mask, True where a token may attend: causal, and never to padding.
+
+    valid: (B, K) step mask. Every token may also attend to itself, so rows of padded tokens are
+    not empty (an all-masked row gives NaN in softmax); padded outputs are excluded from all losses.
+    """
+    tokens = valid.repeat_interleave(3, dim=1)  # (R, s, a) per step
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    return (causal & (tokens[:, None, :] | eye))[:, None]
+
+
+class DecisionTransformer(nn.Module):
+    """GPT over interleaved (R_t, s_t, a_t) tokens; the action is read at the state token (§3.1)."""
+
+    def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
+                 dropout: float, max_ep_len: int, use_timestep_embedding: bool):
+        super().__init__()
+        self.embed_rtg = nn.Linear(1, embed_dim)
+        self.embed_state = nn.Linear(state_dim, embed_dim)
+        self.embed_action = nn.Linear(act_dim, embed_dim)
+        # Off for Gym, on for AntMaze (App. B): without it only the causal mask orders tokens.
+        self.embed_timestep = nn.Embedding(max_ep_len, embed_dim) if use_timestep_embedding else None
+        self.embed_ln = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(embed_dim)
+        self.mu_head = nn.Linear(embed_dim, act_dim)
+        self.log_std_head = nn.Linear(embed_dim, act_dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, rtg, states, actions, timesteps, valid) -> torch.Tensor:
+        """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K), valid (B,K) → (B,K,d) at s_t."""
+        b, k = states.shape[:2]
+        tokens = torch.stack(
+            (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
+        )
+        if self.embed_timestep is not None:
+            tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
+        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+        mask = attention_mask(valid)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+
+    def action_dist(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of the pre-tanh Gaussian; log-std squashed into [−5, 2] (eq. 2)."""
+        return self.mu_head(h), squash_log_std(self.log_std_head(h))
+
+
+# ALGO LOGIC: tanh-squashed Gaussian policy (paper §4)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+ACTION_EPS = 1e-6
+
+
+def squash_log_std(x: torch.Tensor) -> torch.Tensor:
+    return LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(x) + 1)
+
+
+def tanh_log_det(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − tanh(x)²), numerically stable: 2·(log 2 − x − softplus(−2x))."""
+    return 2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
+
+
+def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return (-0.5 * ((x - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def tanh_normal_log_prob(mu: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log π(a) of a = tanh(x), x ~ N(μ, σ²), summed over action dims. Actions are clamped to
+    (−1+ε, 1−ε) first because atanh(±1) is infinite."""
+    x = torch.atanh(actions.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS))
+    return gaussian_log_prob(x, mu, log_std) - tanh_log_det(x).sum(-1)
+
+
+def tanh_normal_rsample(mu: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised sample a = tanh(μ + σ·ε) and its log-probability (no atanh round trip)."""
+    x = mu + log_std.exp() * torch.randn_like(mu)
+    return torch.tanh(x), gaussian_log_prob(x, mu, log_std) - tanh_log_det(x).sum(-1)
+
+
+# ALGO LOGIC: LAMB optimiser (You et al., 2019; ODT App. C)
+class Lamb(torch.optim.Optimizer):
+    """Adam moments + decoupled weight decay, scaled per tensor by the trust ratio ‖w‖ / ‖update‖."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, u_norm = p.norm().clamp(max=10.0), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · min(1, (step+1)/warmup), one schedule from pretraining through finetuning (App. C)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+# ALGO LOGIC: trajectory replay and window sampling
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sums R_t = Σ_{t'≥t} r_t'."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+class TrajectoryReplay:
+    """Trajectory-level FIFO replay (Alg. 1) with length-proportional window sampling (App. F, Alg. 3).
+
+    Trajectories are kept as a list (the state checkpoints save) and mirrored into flat tensors on
+    the training device, rebuilt lazily after a change, so a batch is one fancy-indexing gather.
+    RTGs are recomputed from the stored rewards when a trajectory is added: hindsight relabeling.
+    """
+
+    def __init__(self, capacity: int, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float,
+                 max_ep_len: int, device: torch.device):
+        self.capacity, self.rtg_scale, self.max_ep_len, self.device = capacity, rtg_scale, max_ep_len, device
+        self.state_mean, self.state_std = state_mean.astype(np.float32), state_std.astype(np.float32)
+        self.trajectories: list[dict[str, np.ndarray]] = []
+        self.next_slot = 0  # FIFO pointer once full
+        self._flat: dict[str, torch.Tensor] | None = None
+
+    def add(self, episode: Episode) -> None:
+        traj = {"observations": episode.observations, "actions": episode.actions, "rewards": episode.rewards}
+        if len(self.trajectories) < self.capacity:
+            self.trajectories.append(traj)
+        else:
+            self.trajectories[self.next_slot] = traj  # replace the oldest (paper §4.1)
+            self.next_slot = (self.next_slot + 1) % self.capacity
+        self._flat = None
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def _rebuild(self) -> None:
+        trajs = self.trajectories
+        self.lengths = np.array([len(t["rewards"]) for t in trajs], dtype=np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
+        self.cdf = np.cumsum(self.lengths / self.lengths.sum())
+        cat = lambda key: np.concatenate([t[key] for t in trajs]).astype(np.float32)
+        flat = {
+            "states": (cat("observations") - self.state_mean) / self.state_std,  # frozen normalisation
+            "actions": cat("actions"),
+            "rtg": np.concatenate([returns_to_go(t["rewards"]) for t in trajs]) * self.rtg_scale,
+            "timesteps": np.concatenate([np.arange(n) for n in self.lengths]).clip(max=self.max_ep_len - 1),
+        }
+        self._flat = {k: torch.as_tensor(v).to(self.device) for k, v in flat.items()}
+
+    def sample_indices(self, batch_size: int, context_len: int, rng: np.random.Generator):
+        """Indices into the flat arrays (B, K) and the valid mask (B, K), left-padded.
+
+        A trajectory is drawn with probability ∝ its length, a start uniformly within it, and up to
+        K steps are taken from there (App. F). Short windows are shifted right: padding on the left.
+        """
+        if self._flat is None:
+            self._rebuild()
+        traj = np.searchsorted(self.cdf, rng.random(batch_size) * self.cdf[-1], side="right")
+        traj = np.minimum(traj, len(self.lengths) - 1)
+        length = self.lengths[traj]
+        start = (rng.random(batch_size) * length).astype(np.int64)
+        n_valid = np.minimum(context_len, length - start)
+        pos = np.arange(context_len)
+        pad = (context_len - n_valid)[:, None]
+        valid = pos[None, :] >= pad
+        step = np.where(valid, start[:, None] + pos[None, :] - pad, start[:, None])
+        return self.offsets[traj][:, None] + step, valid
+
+    def sample(self, batch_size: int, context_len: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx, valid = self.sample_indices(batch_size, context_len, rng)
+        idx = torch.as_tensor(idx, device=self.device)
+        valid = torch.as_tensor(valid, device=self.device)
+        batch = {k: v[idx] for k, v in self._flat.items()}
+        batch["states"] = batch["states"] * valid.unsqueeze(-1)  # padded steps are zeros
+        batch["actions"] = batch["actions"] * valid.unsqueeze(-1)
+        batch["rtg"] = batch["rtg"] * valid
+        batch["timesteps"] = batch["timesteps"] * valid
+        batch["valid"] = valid
+        return batch
+
+
+# ALGO LOGIC: losses and the update step
+def odt_losses(model: DecisionTransformer, log_temperature: torch.Tensor, batch: dict, target_entropy: float):
+    """Eq. (7) for θ: −E log π(a|·) − λ·H[π], and the dual loss for log λ; both masked to valid steps."""
+    h = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["valid"])
+    mu, log_std = model.action_dist(h)
+    valid = batch["valid"].float()
+    n_valid = valid.sum()
+    nll = -(tanh_normal_log_prob(mu, log_std, batch["actions"]) * valid).sum() / n_valid
+    _, sample_log_prob = tanh_normal_rsample(mu, log_std)
+    entropy = -(sample_log_prob * valid).sum() / n_valid  # one-sample estimate of H (§4)
+    temperature = log_temperature.exp()
+    policy_loss = nll - temperature.detach() * entropy
+    temperature_loss = temperature * (entropy - target_entropy).detach()  # raises λ when H < β
+    return policy_loss, temperature_loss, {"train/nll": nll, "train/entropy": entropy,
+                                           "train/policy_loss": policy_loss, "train/temperature": temperature}
+
+
+def update(model, optimizer, scheduler, log_temperature, temperature_optimizer, batch, args):
+    model.train()
+    policy_loss, temperature_loss, stats = odt_losses(model, log_temperature, batch, args.target_entropy)
+    optimizer.zero_grad(set_to_none=True)
+    policy_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    temperature_optimizer.zero_grad(set_to_none=True)
+    temperature_loss.backward()
+    temperature_optimizer.step()
+    return {k: v.detach() for k, v in stats.items()}
+
+
+# ALGO LOGIC: acting in the environment
+class DTAgent:
+    """Keeps the per-env context for rollouts (common.evaluation.Policy). All envs step in lockstep,
+    so the window is simply the last `context_len` steps; RTG_{t+1} = RTG_t − r_t (scaled)."""
+
+    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, target_return: float,
+                 sample: bool, device: torch.device, max_ep_len: int):
+        self.model, self.sample, self.device = model, sample, device
+        self.context_len, self.rtg_scale, self.max_ep_len = args.eval_context_len, args.rtg_scale, max_ep_len
+        self.target = target_return * args.rtg_scale
+        self.mean = torch.as_tensor(state_mean, device=device)
+        self.std = torch.as_tensor(state_std, device=device)
+        self.act_dim = model.mu_head.out_features
+
+    def reset(self, obs: np.ndarray) -> None:
+        n, horizon = obs.shape[0], self.max_ep_len + 1
+        self.t = 0
+        self.states = torch.zeros(n, horizon, obs.shape[1], device=self.device)
+        self.actions = torch.zeros(n, horizon, self.act_dim, device=self.device)
+        self.rtg = torch.zeros(n, horizon, device=self.device)
+        self.rtg[:, 0] = self.target
+
+    def _grow(self) -> None:  # episodes longer than the env's time limit (max_steps=None envs)
+        for name in ("states", "actions", "rtg"):
+            buf = getattr(self, name)
+            setattr(self, name, torch.cat((buf, torch.zeros_like(buf)), dim=1))
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.t + 1 >= self.states.shape[1]:
+            self._grow()
+        t = self.t
+        self.states[:, t] = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
+        lo = max(0, t + 1 - self.context_len)
+        steps = torch.arange(lo, t + 1, device=self.device).clamp(max=self.max_ep_len - 1)
+        n = obs.shape[0]
+        self.model.eval()
+        h = self.model(self.rtg[:, lo:t + 1], self.states[:, lo:t + 1], self.actions[:, lo:t + 1],
+                       steps.expand(n, -1), torch.ones(n, t + 1 - lo, dtype=torch.bool, device=self.device))
+        mu, log_std = self.model.action_dist(h[:, -1])
+        action = tanh_normal_rsample(mu, log_std)[0] if self.sample else torch.tanh(mu)
+        self.actions[:, t] = action
+        return action.cpu().numpy()
+
+    def observe(self, rewards: np.ndarray) -> None:
+        r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+        self.rtg[:, self.t + 1] = self.rtg[:, self.t] - r * self.rtg_scale
+        self.t += 1
+
+
+# ALGO LOGIC: branched group rollouts (algorithms.md §4)
+WINDOW_KEYS = ("rtg", "states", "actions", "timesteps", "valid")  # model input order
+
+
+class WindowAgent:
+    """Left-padded K-step contexts for N envs that may sit at different timesteps, so groups branched at
+    different steps act in one forward pass. Same tokens as DTAgent: normalised states, actions and
+    RTG_{t+1} = RTG_t − r_t·scale; the last slot is the current step."""
+
+    def __init__(self, model: DecisionTransformer, n: int, k: int, state_mean, state_std, rtg_scale: float,
+                 max_ep_len: int, device: torch.device):
+        self.model, self.k, self.rtg_scale, self.max_ep_len, self.device = model, k, rtg_scale, max_ep_len, device
+        self.mean = torch.as_tensor(state_mean, device=device)
+        self.std = torch.as_tensor(state_std, device=device)
+        s, a = self.mean.shape[0], model.mu_head.out_features
+        self.win = {"states": torch.zeros(n, k, s, device=device), "actions": torch.zeros(n, k, a, device=device),
+                    "rtg": torch.zeros(n, k, device=device), "timesteps": torch.zeros(n, k, dtype=torch.long,
+                                                                                     device=device),
+                    "valid": torch.zeros(n, k, dtype=torch.bool, device=device)}
+
+    def normalise(self, obs) -> torch.Tensor:
+        return (torch.as_tensor(obs, device=self.device, dtype=torch.float32) - self.mean) / self.std
+
+    def push(self, obs: np.ndarray, rtg: torch.Tensor, t: torch.Tensor) -> None:
+        """Append step t (observation, RTG token) to every window; the oldest step drops out."""
+        for key in WINDOW_KEYS:
+            self.win[key] = self.win[key].roll(-1, dims=1)
+        self.win["states"][:, -1] = self.normalise(obs)
+        self.win["actions"][:, -1] = 0.0
+        self.win["rtg"][:, -1] = rtg
+        self.win["timesteps"][:, -1] = t.clamp(max=self.max_ep_len - 1)
+        self.win["valid"][:, -1] = True
+
+    @torch.inference_mode()
+    def act(self, sample: bool) -> tuple[np.ndarray, torch.Tensor]:
+        """Action at the current step (sampled or tanh(μ)) and Σ_dims σ² of the pre-tanh Gaussian."""
+        self.model.eval()
+        h = self.model(*(self.win[k] for k in WINDOW_KEYS))[:, -1]
+        mu, log_std = self.model.action_dist(h)
+        action = tanh_normal_rsample(mu, log_std)[0] if sample else torch.tanh(mu)
+        self.win["actions"][:, -1] = action
+        return action.cpu().numpy(), (2 * log_std).exp().sum(-1)
+
+    def next_rtg(self, rewards: np.ndarray) -> torch.Tensor:
+        r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+        return self.win["rtg"][:, -1] - r * self.rtg_scale
+
+
+def can_restore(env) -> bool:
+    return hasattr(env.unwrapped, "set_state")
+
+
+def restore(env, seed: int, qpos: np.ndarray | None, qvel: np.ndarray | None, t: int) -> None:
+    """Put `env` in the state the reference episode had at step t: reset with the episode's seed (this also
+    restores goals and anything else drawn at reset), then MuJoCo's qpos/qvel and the TimeLimit counter."""
+    env.reset(seed=seed)
+    if t == 0:
+        return
+    env.unwrapped.set_state(qpos, qvel)
+    wrapper = env
+    while wrapper is not None:
+        if hasattr(wrapper, "_elapsed_steps"):
+            wrapper._elapsed_steps = t
+        wrapper = getattr(wrapper, "env", None)
+
+
+def reference_rollout(env, agent: WindowAgent, seed: int, target: float, sample: bool) -> dict[str, np.ndarray]:
+    """One episode; records per step the observation, action, RTG token, reward, MuJoCo state and σ²."""
+    obs, _ = env.reset(seed=seed)
+    restorable = can_restore(env)
+    rec: dict[str, list] = {k: [] for k in ("obs", "actions", "rtg", "rewards", "qpos", "qvel", "var")}
+    rtg, t, done = torch.full((1,), target, device=agent.device), 0, False
+    while not done:
+        if restorable:
+            rec["qpos"].append(env.unwrapped.data.qpos.copy())
+            rec["qvel"].append(env.unwrapped.data.qvel.copy())
+        agent.push(obs[None], rtg, torch.full((1,), t, device=agent.device))
+        action, var = agent.act(sample)
+        rec["obs"].append(np.asarray(obs, np.float32))
+        rec["actions"].append(action[0])
+        rec["rtg"].append(float(rtg[0]))
+        rec["var"].append(float(var[0]))
+        obs, reward, terminated, truncated, _ = env.step(action[0])
+        rec["rewards"].append(float(reward))
+        rtg, t, done = agent.next_rtg(np.array([reward])), t + 1, terminated or truncated
+    return {k: np.asarray(v, np.float32 if k not in ("qpos", "qvel") else np.float64) for k, v in rec.items()}
+
+
+def branch_points(variance: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """Active sampling (§4): the n steps of the reference with the largest predicted action variance
+    (ties: earliest first), or n uniform distinct steps. Positions repeat when the episode is shorter."""
+    order = np.argsort(-variance, kind="stable") if mode == "variance" else rng.permutation(len(variance))
+    return np.resize(order, n)
+
+
+def group_advantages(scores: torch.Tensor, eps: float) -> torch.Tensor:
+    """GRPO advantages: (R_i − mean) / (std + ε) within each group; scores (n_groups, G), population std."""
+    return (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, unbiased=False, keepdim=True) + eps)
+
+
+def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t0s: np.ndarray, seed: int,
+                   args: Args) -> dict:
+    """G members per branch point t0: shared reference context up to t0, then L sampled steps recorded
+    as training windows, then up to L_eval mean-action steps; score = return over both parts."""
+    g, n, k = args.group_size, len(envs), agent.k
+    t0 = np.repeat(t0s, g)  # member i belongs to group i // G
+    for env, t in zip(envs, t0, strict=True):
+        restore(env, seed, ref["qpos"][t] if len(ref["qpos"]) else None, ref["qvel"][t] if len(ref["qvel"]) else None,
+                int(t))
+    # Shared context: the reference's window at t0 (its K−1 previous steps, left-padded, and s_t0, RTG_t0).
+    pos = t0[:, None] + np.arange(-(k - 1), 1)[None]
+    hist = np.clip(pos, 0, None)
+    valid = torch.as_tensor(pos >= 0, device=agent.device)
+    actions = torch.as_tensor(ref["actions"][hist], device=agent.device)
+    actions[:, -1] = 0.0  # a_t0 is what the members sample
+    agent.win = {"rtg": torch.as_tensor(ref["rtg"][hist], device=agent.device) * valid,
+                 "states": agent.normalise(ref["obs"][hist]) * valid[..., None], "actions": actions * valid[..., None],
+                 "timesteps": torch.as_tensor(hist, device=agent.device).clamp(max=agent.max_ep_len - 1),
+                 "valid": valid}
+    t = torch.as_tensor(t0, device=agent.device)
+    obs = ref["obs"][t0].copy()
+    windows: dict[str, list] = {key: [] for key in WINDOW_KEYS}
+    active, scores = np.ones(n, bool), np.zeros(n, np.float64)
+    step_valid, rewards = np.zeros((n, args.sub_len), bool), np.zeros((n, args.sub_len + args.cont_len), np.float32)
+    env_steps = 0
+    for j in range(args.sub_len + args.cont_len):
+        if not active.any():
+            break
+        action, _ = agent.act(sample=j < args.sub_len)
+        if j < args.sub_len:
+            for key in WINDOW_KEYS:
+                windows[key].append(agent.win[key].clone())
+            step_valid[:, j] = active
+        r = np.zeros(n, np.float32)
+        for i in np.flatnonzero(active):  # MuJoCo steps one env at a time anyway
+            obs[i], r[i], terminated, truncated, _ = envs[i].step(action[i])
+            active[i] = not (terminated or truncated)
+            env_steps += 1
+        rewards[:, j] = r
+        scores += r
+        t = t + 1
+        agent.push(obs, agent.next_rtg(r), t)
+    while len(windows["valid"]) < args.sub_len:  # every member ended early: pad (masked by step_valid)
+        for key in WINDOW_KEYS:
+            windows[key].append(torch.zeros_like(windows[key][-1]))
+    win = {key: torch.stack(v, dim=1) for key, v in windows.items()}  # (N, L, K, ·)
+    return {"windows": win, "step_valid": torch.as_tensor(step_valid, device=agent.device),
+            "scores": torch.as_tensor(scores, dtype=torch.float32, device=agent.device), "rewards": rewards,
+            "t0": t0, "env_steps": env_steps}
+
+
+def relabeled_rtg(groups: dict, ref: dict[str, np.ndarray], k: int, rtg_scale: float) -> torch.Tensor:
+    """ODT's hindsight relabeling (ablation only): RTG token at absolute step τ of a member = what the
+    member achieved from τ on (reference rewards before t0, then its own L + L_eval steps), × scale."""
+    t0, member_rewards = groups["t0"], groups["rewards"]
+    n, horizon = member_rewards.shape
+    tau = np.arange(t0.max() + horizon)[None]
+    ref_r = np.asarray(ref["rewards"], np.float32)
+    before = np.where(tau < t0[:, None], ref_r[np.clip(tau, 0, len(ref_r) - 1)], 0.0)
+    after_idx = tau - t0[:, None]
+    after = np.where((after_idx >= 0) & (after_idx < horizon),
+                     member_rewards[np.arange(n)[:, None], np.clip(after_idx, 0, horizon - 1)], 0.0)
+    suffix = np.cumsum((before + after)[:, ::-1], axis=1)[:, ::-1]
+    sub_len = groups["step_valid"].shape[1]
+    abs_pos = t0[:, None, None] + np.arange(sub_len)[None, :, None] + np.arange(-(k - 1), 1)[None, None, :]
+    rtg = suffix[np.arange(n)[:, None, None], np.clip(abs_pos, 0, None)] * rtg_scale
+    return torch.as_tensor(rtg, dtype=torch.float32) * groups["windows"]["valid"].cpu()
+
+
+def step_log_probs(model: DecisionTransformer, win: dict[str, torch.Tensor]):
+    """log π(a_t | window_t) of the action in the last slot of each window: (M, L, K, ·) → (M, L)."""
+    shape = win["valid"].shape[:2]
+    flat = [win[key].flatten(0, 1) for key in WINDOW_KEYS]
+    mu, log_std = model.action_dist(model(*flat)[:, -1])
+    return tanh_normal_log_prob(mu, log_std, flat[2][:, -1]).view(shape), mu, log_std
+
+
+@torch.no_grad()
+def make_grpo_batch(model, groups: dict, ref: dict, args: Args) -> dict:
+    """Advantages and π_old for a round. π_old is evaluated on the rollout windows (the RTGs the actions
+    were sampled with); π_θ is trained on `train_windows` — the same tensors unless --relabel."""
+    model.eval()
+    win, mask = groups["windows"], groups["step_valid"].float()
+    old, _, _ = step_log_probs(model, win)
+    train_win = dict(win)
+    if args.relabel:
+        train_win["rtg"] = relabeled_rtg(groups, ref, win["valid"].shape[2], args.rtg_scale).to(mask.device)
+    scores = groups["scores"].view(-1, args.group_size)
+    return {"windows": train_win, "mask": mask, "old_seq_log_prob": (old * mask).sum(1),
+            "advantages": group_advantages(scores, args.adv_eps).flatten(),
+            "group_return_std": scores.std(-1, unbiased=False).mean()}
+
+
+def grpo_losses(model, ref_model, log_temperature, batch: dict, idx: torch.Tensor, args: Args):
+    """Clipped sequence-level surrogate (§4): ρ_i = exp(Σ_t log π_θ − Σ_t log π_old) over member i's steps."""
+    win = {key: v[idx] for key, v in batch["windows"].items()}
+    mask, adv = batch["mask"][idx], batch["advantages"][idx]
+    logp, mu, log_std = step_log_probs(model, win)
+    log_ratio = ((logp * mask).sum(1) - batch["old_seq_log_prob"][idx]).clamp(-args.max_log_ratio, args.max_log_ratio)
+    ratio = log_ratio.exp()
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * adv)  # PPO clip
+    pg_loss = -surrogate.mean()
+    n_valid = mask.sum().clamp(min=1)
+    _, sample_log_prob = tanh_normal_rsample(mu, log_std)
+    entropy = -(sample_log_prob.view_as(mask) * mask).sum() / n_valid  # one-sample estimate, as in pretraining
+    temperature = log_temperature.exp()
+    coef = temperature.detach() if args.entropy_coef is None else args.entropy_coef
+    loss = pg_loss - coef * entropy
+    kl_ref = torch.zeros((), device=mask.device)
+    if args.kl_coef > 0:  # k3 estimator of KL(π_θ ‖ π_ref) on the taken actions
+        with torch.no_grad():
+            ref_logp = step_log_probs(ref_model, win)[0]
+        d = ref_logp - logp
+        kl_ref = ((d.exp() - d - 1) * mask).sum() / n_valid
+        loss = loss + args.kl_coef * kl_ref
+    temperature_loss = temperature * (entropy - args.target_entropy).detach()
+    stats = {"train/policy_loss": pg_loss, "train/entropy": entropy, "train/temperature": temperature,
+             "train/ratio_mean": ratio.mean(), "train/ratio_max": ratio.max(),
+             "train/clip_fraction": ((ratio - 1).abs() > args.clip_eps).float().mean(),
+             "train/approx_kl": ((ratio - 1) - log_ratio).mean(), "train/kl_ref": kl_ref,
+             "train/advantage_abs": adv.abs().mean()}
+    return loss, temperature_loss, stats
+
+
+def grpo_update(model, ref_model, optimizer, log_temperature, temperature_optimizer, batch, idx, args):
+    model.train(args.online_dropout)
+    loss, temperature_loss, stats = grpo_losses(model, ref_model, log_temperature, batch, idx, args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    if args.entropy_coef is None:  # keep ODT's dual update of λ (entropy ≥ β)
+        temperature_optimizer.zero_grad(set_to_none=True)
+        temperature_loss.backward()
+        temperature_optimizer.step()
+    return {k: v.detach() for k, v in stats.items()}
+
+
+# TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
+class UserError(Exception):
+    """A problem the user can fix; printed as one paragraph without a traceback."""
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class RunLogger:
+    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["global_step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = self.path.open("a")
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
+                                    dir=str(run_dir))
+
+    def log(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["global_step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
+    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    script = Path(__file__).name
+    if args.resume is None:
+        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return args, run_dir, None
+    run_dir = Path(args.resume)
+    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
+                        f"(runs/<env>__<exp>__<seed>__<time>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("script") != script:
+        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
+                        f"not {script}. Resume it with that script.")
+    if not ckpt_path.is_file():
+        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
+                        f"or was started with --no-save-model). Start a new run instead.")
+    fields = {f.name for f in dataclasses.fields(Args)}
+    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
+    saved.resume, saved.progress = args.resume, args.progress
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or corrupt file
+        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
+    return saved, run_dir, checkpoint
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")  # atomic: a crash never leaves a half-written checkpoint
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
+
+
+def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad:
+        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
+                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
+                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
+                "with a lower --learning-rate or --grad-clip")
+        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
+                                 f"Training stopped: {kept}.")
+
+
+def main(args: Args) -> dict:
+    args, run_dir, checkpoint = prepare_run(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
+          f"device {device}, run folder {run_dir}")
+
+    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+    reference_env = data.make_env()
+    member_envs = [data.make_env() for _ in range(args.groups_per_round * args.group_size)]
+    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
+    if not can_restore(reference_env) and not data.family.startswith("toy"):
+        raise UserError(f"dt_grpo.py branches each group from a saved simulator state, but the env of "
+                        f"'{args.env_id}' ({type(reference_env.unwrapped).__name__}) has no set_state(qpos, qvel). "
+                        f"Use a MuJoCo env, or a single-state toy (every episode starts in the same state).")
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("group_size", "sub_len", "groups_per_round",
+                                                                    "grpo_epochs") if getattr(args, k) < 1]
+    bad += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("cont_len", "grpo_minibatch")
+            if getattr(args, k) < 0]
+    if bad or args.group_size < 2:
+        raise UserError(f"Invalid GRPO settings ({', '.join(bad) or f'--group-size {args.group_size}'}): group "
+                        f"size must be ≥ 2 (advantages are normalised within a group), lengths and counts ≥ 1, "
+                        f"--cont-len and --grpo-minibatch ≥ 0.")
+
+    # ALGO LOGIC: model, optimisers, replay
+    model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
+                                args.dropout, max_ep_len, args.use_timestep_embedding).to(device)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
+    replay_args = (data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
+    offline = TrajectoryReplay(len(data.episodes), *replay_args)  # pretraining samples all offline data
+    for episode in data.episodes:
+        offline.add(episode)
+    # GRPO is on-policy: each round's groups are used for its updates and dropped (no online replay).
+    online_optimizer = torch.optim.Adam(model.parameters(), lr=args.online_learning_rate)
+    ref_model: DecisionTransformer | None = None  # frozen pretrained policy (KL anchor), made after pretraining
+
+    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        with torch.no_grad():
+            log_temperature.copy_(checkpoint["log_temperature"])
+        temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
+        online_optimizer.load_state_dict(checkpoint["online_optimizer"])
+        if checkpoint["reference_model"] is not None:
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+            ref_model.load_state_dict(checkpoint["reference_model"])
+        counters.update(checkpoint["counters"])
+        restore_rng_state(rng, checkpoint["rng"])
+        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
+              f"env step {counters['env_steps']}")
+    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
+    stop = StopFlag()
+
+    def checkpoint_now():
+        if args.save_model:
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "log_temperature": log_temperature.detach().cpu(),
+                "temperature_optimizer": temperature_optimizer.state_dict(),
+                "online_optimizer": online_optimizer.state_dict(),
+                "reference_model": None if ref_model is None else ref_model.state_dict(),
+                "counters": dict(counters), "rng": rng_state(rng)})
+
+    def run_eval() -> dict:
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
+        seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
+        return evaluate(eval_envs, agent, seeds, data.normalized_score)
+
+    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
+        if stats_sum is not None and n:
+            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
+            check_finite({k: row[k] for k in keys}, counters, run_dir)
+        row.update(extra)
+        logger.log(row)
+
+    start_time = time.time()
+    stats_keys: list[str] = []
+    stats_sum, n_stats, update_time = None, 0, 0.0
+
+    def train_step(source: TrajectoryReplay | dict, idx: torch.Tensor | None = None) -> None:
+        nonlocal stats_sum, n_stats, update_time, stats_keys
+        t0 = time.perf_counter()
+        if idx is None:
+            stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer,
+                           source.sample(args.batch_size, args.context_len, rng), args)
+        else:
+            stats = grpo_update(model, ref_model, online_optimizer, log_temperature, temperature_optimizer,
+                                source, idx, args)
+        stats_keys = list(stats)
+        vec = torch.stack([stats[k] for k in stats_keys])
+        stats_sum = vec if stats_sum is None else stats_sum + vec
+        n_stats += 1
+        counters["updates"] += 1
+        update_time += time.perf_counter() - t0
+
+    # Offline pretraining (Alg. 1 lines 1-3)
+    last_ckpt = counters["updates"] // args.checkpoint_interval
+    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+               desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
+    while counters["updates"] < args.pretrain_updates and not stop.requested:
+        train_step(offline)
+        bar.update(1)
+        if counters["updates"] % args.log_interval == 0 or counters["updates"] == args.pretrain_updates:
+            flush(stats_sum, n_stats, stats_keys,
+                  {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
+            stats_sum, n_stats, update_time = None, 0, 0.0
+            if counters["updates"] // args.checkpoint_interval > last_ckpt:
+                last_ckpt = counters["updates"] // args.checkpoint_interval
+                checkpoint_now()
+    bar.close()
+    if not stop.requested and not counters["pretrain_evaluated"]:
+        metrics = run_eval()
+        counters["pretrain_evaluated"] = True
+        flush(None, 0, [], {"phase": "pretrain", **metrics})
+        print(f"after pretraining: return {metrics['eval/return_mean']:.1f}, "
+              f"normalized score {metrics['eval/normalized_score_mean']:.2f}")
+        checkpoint_now()
+
+    # Online finetuning with GRPO only (algorithms.md §4)
+    if ref_model is None:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    n_members = args.groups_per_round * args.group_size
+    minibatch = args.grpo_minibatch or n_members
+    bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
+               disable=not args.progress, unit="step", dynamic_ncols=True)
+    last_eval_step = counters["env_steps"] // args.eval_interval
+    final, final_at = {}, -1
+    while counters["env_steps"] < args.online_steps and not stop.requested:
+        t0 = time.perf_counter()
+        episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000
+        agent_args = (model, args.eval_context_len, data.state_mean, data.state_std, args.rtg_scale, max_ep_len,
+                      device)
+        ref = reference_rollout(reference_env, WindowAgent(model, 1, *agent_args[1:]), episode_seed,
+                                args.g_online * args.rtg_scale, args.reference_sample)
+        t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng)  # active sampling
+        groups = rollout_groups(member_envs, WindowAgent(model, n_members, *agent_args[1:]), ref, t0s,
+                                episode_seed, args)
+        steps = len(ref["rewards"]) + groups["env_steps"]  # every simulator step counts
+        rollout_time = time.perf_counter() - t0
+        counters["env_steps"] += steps
+        counters["rounds"] += 1
+        batch = make_grpo_batch(model, groups, ref, args)
+        for _ in range(args.grpo_epochs):
+            perm = torch.as_tensor(rng.permutation(n_members), device=device)
+            for idx in perm.split(minibatch):
+                train_step(batch, idx)
+        extra = {"phase": "online", "rollout/return": float(ref["rewards"].sum()),
+                 "rollout/length": float(len(ref["rewards"])),
+                 "rollout/group_return": float(groups["scores"].mean()),
+                 "rollout/branch_step_mean": float(t0s.mean()),
+                 "train/group_return_std": float(batch["group_return_std"]),
+                 "charts/updates_per_second": n_stats / max(update_time, 1e-9),
+                 "charts/SPS": steps / max(rollout_time, 1e-9)}
+        if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
+            last_eval_step = counters["env_steps"] // args.eval_interval
+            extra.update(run_eval())
+            final, final_at = {k: v for k, v in extra.items() if k.startswith("eval/")}, counters["updates"]
+        flush(stats_sum, n_stats, stats_keys, extra)
+        stats_sum, n_stats, update_time = None, 0, 0.0
+        bar.update(steps)
+        bar.set_postfix(ret=f"{extra['rollout/return']:.1f}")
+        if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
+            last_ckpt = counters["updates"] // args.checkpoint_interval
+            checkpoint_now()
+    bar.close()
+
+    if stop.requested:
+        checkpoint_now()
+        logger.close()
+        print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n"
+              f"  python {Path(__file__).name} --resume {run_dir}")
+        return {"stopped": True, "run_dir": str(run_dir)}
+
+    if final_at != counters["updates"]:  # the last round did not evaluate (or there was no online phase)
+        final = run_eval()
+    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
+               "wall_time_s": time.time() - start_time, **final}
+    flush(None, 0, [], {"phase": "final", **final})
+    if args.capture_video:
+        record_video(model, args, data, device, max_ep_len, run_dir)
+    if args.save_model:
+        torch.save(model.state_dict(), run_dir / "model.pt")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
+    print(f"final: return {final['eval/return_mean']:.1f} ± {final['eval/return_std']:.1f}, normalized score "
+          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    return summary
+
+
+def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
+    try:
+        import imageio.v2 as imageio
+
+        env = data.make_env(render_mode="rgb_array")
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
+        obs, _ = env.reset(seed=10_000 + args.seed * 1000)
+        agent.reset(obs[None].astype(np.float32))
+        frames, done = [env.render()], False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
+            agent.observe(np.array([reward], dtype=np.float32))
+            frames.append(env.render())
+            done = terminated or truncated
+        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
+    except Exception as exc:  # rendering needs a GL backend (MUJOCO_GL=egl or osmesa) and imageio-ffmpeg
+        print(f"warning: --capture-video failed ({exc}); set MUJOCO_GL=egl or osmesa and "
+              f"pip install imageio-ffmpeg", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (UserError, DatasetError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)

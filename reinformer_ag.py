@@ -1,0 +1,983 @@
+"""Reinformer + Action Gradient (RF+AG).
+
+Papers: Z. Zhuang et al., "Reinformer: Max-Return Sequence Modeling for Offline RL", ICML 2024, arXiv 2405.08740
+(the base model), and R. Lin et al., "Adjusting the Output of Decision Transformer with Action Gradient",
+arXiv 2510.05285 (`../shared/papers/002_…`, AG). Offline only: train Reinformer, a decision transformer over
+(s_t, R_t, a_t) tokens that predicts the return-to-go from the state token with an expectile ("max-return")
+loss and the action from the RTG token with a Gaussian NLL + entropy, and, in the same run, an IQL critic on the
+same offline data (AG §3.3). At evaluation Reinformer predicts R̂_t, writes it into the RTG slot and reads the
+action a⁰; Action Gradient then takes n ascent steps on Q from a⁰ (AG eq. 1, or eqs. 6-8) and executes the
+iterate with the highest Q (eq. 2, Alg. 1). Every evaluation reports both: `eval/...` is RF+AG and
+`eval_rf/...` is plain RF (the same model and episodes, n = 0).
+
+Usage:
+    python reinformer_ag.py --env-id hopper-medium-v2                  # paper hyperparameters
+    python reinformer_ag.py --env-id toy-ag-v0                         # the AG toy (§3.1, Figure 2)
+    python reinformer_ag.py --eval-only runs/<run> --sweep-ag-lr 0.01 0.1 --sweep-ag-steps 1 10  # tune η, n
+    python reinformer_ag.py --resume runs/<run folder>                 # continue a stopped run
+
+Return-to-go convention of this script: RTG tokens are undiscounted suffix sums of the dataset rewards times
+`rtg_scale` (Reinformer's per-family divisors: 1/1000 hopper/walker2d, 1/5000 halfcheetah, 1/100 maze2d,
+1/10000 Adroit). At test time they are *predicted* (no target return), except in the `--conditioning target`
+ablation (DT+AG, AG Table 3), where R_0 = g_eval and R_{t+1} = R_t − r_t as in DT.
+
+Deliberate differences from the reference implementations (github.com/Dragon-Zhuang/Reinformer and the AG paper):
+- The shared `Args` block has no online fields (`online_steps`, `updates_per_round`, `min_steps_per_round`):
+  there is no online phase. `pretrain_updates` is the number of offline updates; `eval_interval` counts updates.
+- Blocks are post-LayerNorm with a GELU MLP as in the Reinformer reference (not odt.py's pre-LN/ReLU), with
+  fused scaled-dot-product attention and N(0, 0.02) init. Windows are right-padded, so the causal mask alone
+  keeps padding out of every valid token (no padding mask is needed in training; padding is out of every loss).
+- The max-return residual is normalised by mean |R| over valid tokens only, and the NLL is averaged over valid
+  tokens only. The entropy of the state-independent Normal is in closed form (the same at every position).
+- The critic is IQL (twin Q + V, expectile 0.7, γ 0.99, Polyak 0.005 target Qs, Adam 3e-4, MLP 256-256) trained
+  in the same run, `critic_updates` steps per model update on uniformly sampled transitions (the paper trains
+  it separately; the result is the same critic, in one command). Q(s, a) in AG is the min of the target Qs.
+- AG's momentum (eq. 6) and Adam (eq. 8) are implemented as printed: v accumulates ζ·∇Q without decay, and
+  Adam's bias correction divides by (1 − ζ) rather than Kingma & Ba's (1 − ζ^i). RMSProp (eq. 7) uses ζ₂.
+- η and n are not given in the paper; the defaults come from an evaluation-only sweep (see the notes).
+- With `--adaptive-context` (AG §4.1) the RTG-prediction pass uses the full window and the action pass keeps
+  the earlier steps only while R̂_{t−1} > R̂_t (up to `eval_context_len`); the dropped steps are masked out of
+  attention (the learned timestep embedding makes this equal to a shorter window).
+- Checkpoints hold the critic, its optimiser and log λ so a stopped run resumes exactly.
+- Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium MuJoCo v5.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common.datasets import DatasetError, OfflineData, load_dataset
+from common.evaluation import evaluate, make_vector_env
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (part of the run folder name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and environment resets)"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """mirror metrics to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "online-dt"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    capture_video: bool = False
+    """record videos of the first final-evaluation episode into the run folder"""
+    save_model: bool = True
+    """write checkpoints (needed for --resume) and the final model"""
+    env_id: str = "hopper-medium-v2"
+    """dataset/environment: a D4RL name (hopper-random-v2, antmaze-umaze-v2, ...), a Minari id, or a toy"""
+    dataset_path: str | None = None
+    """explicit D4RL .hdf5 file or Minari dataset folder (overrides the lookup)"""
+    generate_steps: int = 1_000_000
+    """size of a locally generated *-random-v2 dataset (env steps)"""
+    pretrain_updates: int | None = None
+    """offline gradient updates (None: per-dataset default, 50k as in Reinformer)"""
+    eval_interval: int = 10_000
+    """gradient updates between evaluations (also evaluated at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes (one vector-env slot each, fixed seeds)"""
+    log_interval: int = 100
+    """gradient updates between metric rows"""
+    checkpoint_interval: int = 1000
+    """gradient updates between checkpoints"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (its saved config is used)"""
+    progress: bool = True
+    """show progress bars"""
+
+    # Algorithm specific arguments
+    embed_dim: int = 256
+    """transformer width"""
+    n_layers: int = 4
+    """transformer blocks"""
+    n_heads: int = 8
+    """attention heads"""
+    dropout: float = 0.1
+    """dropout in embeddings, attention and MLP"""
+    context_len: int | None = None
+    """training context length K (None: per-dataset default, 5; 1 for the toys)"""
+    eval_context_len: int | None = None
+    """evaluation context length (None: K); the upper limit of the adaptive context"""
+    adaptive_context: bool = False
+    """AG §4.1: keep earlier steps in the action pass only while the previous R̂ exceeds the current one"""
+    separate_networks: bool = False
+    """AG §4.1 variant: independent transformers for RTG and action prediction (default: one shared, Reinformer)"""
+    batch_size: int = 128
+    """windows per gradient update"""
+    learning_rate: float | None = None
+    """LAMB learning rate (None: per-dataset default, 1e-4)"""
+    weight_decay: float = 1e-4
+    """LAMB weight decay"""
+    warmup_steps: int | None = None
+    """linear learning-rate warm-up in gradient steps (None: per-dataset default, 5000)"""
+    grad_clip: float = 0.25
+    """global gradient-norm clip"""
+    init_temperature: float = 0.1
+    """initial entropy temperature λ (log λ is learned)"""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of log λ"""
+    target_entropy: float | None = None
+    """entropy lower bound β (None: −dim(A))"""
+    expectile: float = 0.99
+    """τ of the max-return (expectile) loss on the predicted RTG"""
+    rtg_scale: float | None = None
+    """multiplier of return-to-go tokens (None: 1/Reinformer's divisor: 1e-3 hopper/walker2d, 2e-4 halfcheetah)"""
+    conditioning: Literal["predicted", "target"] = "predicted"
+    """RTG at evaluation: 'predicted' (Reinformer) or 'target' (fixed g_eval, DT-style: the DT+AG ablation)"""
+    g_eval: float | None = None
+    """target return for --conditioning target (None: the dataset's D4RL expert reference return)"""
+    critic_hidden: int = 256
+    """width of the IQL critic's two hidden layers"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the IQL critic (Q1, Q2 and V)"""
+    critic_batch_size: int = 256
+    """transitions per critic update"""
+    critic_updates: int = 1
+    """critic updates per model update (the critic trains on the offline data only, AG §3.3)"""
+    iql_expectile: float = 0.7
+    """τ of IQL's V loss (eq. 5; IQL's MuJoCo default)"""
+    gamma: float = 0.99
+    """discount of the critic"""
+    polyak: float = 0.005
+    """target-Q averaging rate"""
+    ag_steps: int | None = None
+    """AG iterations n (0: plain Reinformer; None: per-dataset default from the sweep in the notes)"""
+    ag_lr: float | None = None
+    """AG step size η (None: per-dataset default from the sweep in the notes)"""
+    ag_method: Literal["sgd", "momentum", "rmsprop", "adam"] = "sgd"
+    """AG update: eq. 1 (sgd), eq. 6 (momentum), eq. 7 (rmsprop) or eq. 8 (adam)"""
+    ag_zeta1: float = 0.9
+    """ζ of momentum (eq. 6) and ζ₁ of Adam (eq. 8)"""
+    ag_zeta2: float = 0.999
+    """ζ of RMSProp (eq. 7) and ζ₂ of Adam (eq. 8)"""
+    ag_eps: float = 1e-8
+    """ε of RMSProp / Adam"""
+    eval_only: str | None = None
+    """evaluate the trained model of this run folder (no training) for every (η, n) of the sweep lists"""
+    sweep_ag_lr: tuple[float, ...] = ()
+    """η values for --eval-only (empty: --ag-lr)"""
+    sweep_ag_steps: tuple[int, ...] = ()
+    """n values for --eval-only (empty: --ag-steps)"""
+
+
+# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". Reinformer's RTG divisors; AG's η, n
+# come from the evaluation-only sweep in the notes (the paper does not state them).
+DATASET_DEFAULTS: dict[str, dict] = {
+    "hopper": dict(rtg_scale=1e-3),
+    "walker2d": dict(rtg_scale=1e-3),
+    "halfcheetah": dict(rtg_scale=2e-4),
+    "maze2d": dict(rtg_scale=1e-2),
+    **{adroit: dict(rtg_scale=1e-4) for adroit in ("pen", "hammer", "door", "relocate")},
+    "antmaze": dict(rtg_scale=1.0),
+    # Single-state, single-step toys (algorithms.md §3): one token per window, returns are rewards.
+    "toy": dict(pretrain_updates=1500, context_len=1, rtg_scale=1.0, learning_rate=1e-3, warmup_steps=100,
+                ag_steps=10, ag_lr=0.1),
+}
+COMMON_DEFAULTS = dict(pretrain_updates=50_000, context_len=5, learning_rate=1e-4, warmup_steps=5000, rtg_scale=1e-3,
+                       ag_steps=10, ag_lr=0.01)
+
+
+def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
+    """Fill every field left at None from the per-dataset table; explicit flags always win."""
+    family = "toy" if data.family.startswith("toy") else data.family
+    table = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(family, {}),
+             **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {})}
+    table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (ODT Table C.1, Reinformer)
+    if data.ref_max_score is not None:
+        table.setdefault("g_eval", data.ref_max_score)
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.eval_context_len is None:
+        args.eval_context_len = args.context_len
+    if args.conditioning == "target" and args.g_eval is None:
+        raise UserError(f"No default target return is known for '{args.env_id}' (no reference score). "
+                        f"Pass --g-eval with --conditioning target.")
+    for name in ("context_len", "eval_context_len", "batch_size", "critic_batch_size", "eval_episodes"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    if args.ag_steps < 0 or args.ag_lr < 0:
+        raise UserError(f"--ag-steps and --ag-lr must be non-negative (got {args.ag_steps}, {args.ag_lr}).")
+    return args
+
+
+# ALGO LOGIC: the Reinformer transformer
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        assert dim % n_heads == 0, "embed_dim must be divisible by n_heads"
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.n_heads, self.dropout = n_heads, dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    """Post-LayerNorm transformer block with a GELU MLP (the Reinformer reference's block)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.ln1(x + self.attn(x, attn_mask))
+        return self.ln2(x + self.mlp(x))
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, 3K, 3K) mask, True where a token may attend: causal, and never to masked steps.
+
+    Used only by the adaptive evaluation context (training windows are right-padded: causal is enough).
+    Every token may also attend to itself, so no softmax row is empty.
+    """
+    tokens = valid.repeat_interleave(3, dim=1)  # (s, R, a) per step
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    return (causal & (tokens[:, None, :] | eye))[:, None]
+
+
+class Trunk(nn.Module):
+    """Embeddings + GPT over interleaved (s_t, R_t, a_t) tokens; returns the outputs per token type."""
+
+    def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
+                 dropout: float, max_ep_len: int):
+        super().__init__()
+        self.embed_state = nn.Linear(state_dim, embed_dim)
+        self.embed_rtg = nn.Linear(1, embed_dim)
+        self.embed_action = nn.Linear(act_dim, embed_dim)
+        self.embed_timestep = nn.Embedding(max_ep_len, embed_dim)  # added to all three tokens (Reinformer)
+        self.embed_ln = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
+
+    def forward(self, rtg, states, actions, timesteps, valid=None) -> torch.Tensor:
+        """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K) → (B,K,3,d); index 0 = s_t, 1 = R_t."""
+        b, k = states.shape[:2]
+        tokens = torch.stack(
+            (self.embed_state(states), self.embed_rtg(rtg.unsqueeze(-1)), self.embed_action(actions)), dim=2
+        ) + self.embed_timestep(timesteps).unsqueeze(2)
+        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+        mask = None if valid is None else attention_mask(valid)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x.reshape(b, k, 3, -1)
+
+
+class Reinformer(nn.Module):
+    """R̂_t from the state token, the action distribution from the RTG token (Reinformer §4).
+
+    With `separate` (AG §4.1) the RTG and the action come from two independent trunks.
+    """
+
+    def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
+                 dropout: float, max_ep_len: int, separate: bool):
+        super().__init__()
+        trunk_args = (state_dim, act_dim, embed_dim, n_layers, n_heads, dropout, max_ep_len)
+        self.trunk = Trunk(*trunk_args)
+        self.action_trunk = Trunk(*trunk_args) if separate else None
+        self.rtg_head = nn.Linear(embed_dim, 1)
+        self.mu_head = nn.Sequential(nn.Linear(embed_dim, act_dim), nn.Tanh())  # tanh mean, Normal (not squashed)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))  # state-independent
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, rtg, states, actions, timesteps, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ predicted RTG (B,K) read at s_t, action mean (B,K,A) read at R_t."""
+        h = self.trunk(rtg, states, actions, timesteps, valid)
+        ha = h if self.action_trunk is None else self.action_trunk(rtg, states, actions, timesteps, valid)
+        return self.rtg_head(h[:, :, 0]).squeeze(-1), self.mu_head(ha[:, :, 1])
+
+    def predict_rtg(self, rtg, states, actions, timesteps, valid=None) -> torch.Tensor:
+        return self.rtg_head(self.trunk(rtg, states, actions, timesteps, valid)[:, :, 0]).squeeze(-1)
+
+    def predict_action(self, rtg, states, actions, timesteps, valid=None) -> torch.Tensor:
+        trunk = self.trunk if self.action_trunk is None else self.action_trunk
+        return self.mu_head(trunk(rtg, states, actions, timesteps, valid)[:, :, 1])
+
+    def clamped_log_std(self) -> torch.Tensor:
+        return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+# ALGO LOGIC: IQL critic (AG §3.3, eqs. 4-5)
+def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
+
+
+class IQLCritic(nn.Module):
+    def __init__(self, state_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.q1, self.q2 = mlp(state_dim + act_dim, hidden, 1), mlp(state_dim + act_dim, hidden, 1)
+        self.v = mlp(state_dim, hidden, 1)
+        self.q1_target, self.q2_target = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
+        for p in itertools.chain(self.q1_target.parameters(), self.q2_target.parameters()):
+            p.requires_grad_(False)
+
+    def q_values(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat((states, actions), -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def target_q(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min of the target Qs: IQL's value of an action, and the Q that AG ascends."""
+        x = torch.cat((states, actions), -1)
+        return torch.min(self.q1_target(x), self.q2_target(x)).squeeze(-1)
+
+    @torch.no_grad()
+    def update_targets(self, polyak: float) -> None:
+        for net, target in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
+            for p, tp in zip(net.parameters(), target.parameters(), strict=True):
+                tp.lerp_(p, polyak)
+
+
+def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """L2^τ(u) = |τ − 1(u < 0)|·u² elementwise (AG eq. 5; Reinformer's max-return loss)."""
+    return (tau - (u < 0).float()).abs() * u.square()
+
+
+def iql_losses(critic: IQLCritic, batch: dict, args) -> tuple[torch.Tensor, dict]:
+    s, a, r, s2, done = batch["states"], batch["actions"], batch["rewards"], batch["next_states"], batch["dones"]
+    with torch.no_grad():
+        q_target_sa = critic.target_q(s, a)
+        q_backup = r + args.gamma * (1.0 - done) * critic.v(s2).squeeze(-1)  # eq. (4); no bootstrap at terminals
+    v = critic.v(s).squeeze(-1)
+    v_loss = expectile_loss(q_target_sa - v, args.iql_expectile).mean()  # eq. (5)
+    q1, q2 = critic.q_values(s, a)
+    q_loss = F.mse_loss(q1, q_backup) + F.mse_loss(q2, q_backup)  # eq. (4), both Qs
+    return v_loss + q_loss, {"train/critic_q_loss": q_loss, "train/critic_v_loss": v_loss,
+                             "train/critic_q_mean": q1.mean()}
+
+
+# ALGO LOGIC: Action Gradient (AG eqs. 1-2, 6-8, Algorithm 1)
+def action_gradient(q_fn, states: torch.Tensor, a0: torch.Tensor, steps: int, lr: float, method: str,
+                    low: torch.Tensor, high: torch.Tensor, zeta1: float = 0.9, zeta2: float = 0.999,
+                    eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """n ascent steps on Q(s, ·) from a⁰ for every env at once, then the argmax-Q iterate among {a⁰, …, aⁿ}.
+
+    Returns the chosen actions (N, A) and the index of the chosen iterate (N,) (0 = the model's action).
+    """
+    iterates, a = [a0], a0
+    m = torch.zeros_like(a0)  # first moment (eq. 6: v; eq. 8: m)
+    r = torch.zeros_like(a0)  # second moment (eq. 7: r; eq. 8: v)
+    for _ in range(steps):
+        with torch.enable_grad():
+            a_var = a.detach().requires_grad_(True)
+            g = torch.autograd.grad(q_fn(states, a_var).sum(), a_var)[0]  # ∇_a Q(s, aⁱ), per env
+        if method == "sgd":
+            step = g  # eq. (1)
+        elif method == "momentum":
+            m = m + zeta1 * g  # eq. (6) as printed: vⁱ = vⁱ⁻¹ + ζ∇Q
+            step = m
+        elif method == "rmsprop":
+            r = zeta2 * r + (1 - zeta2) * g.square()  # eq. (7)
+            step = g / (r.sqrt() + eps)
+        elif method == "adam":
+            m = zeta1 * m + (1 - zeta1) * g  # eq. (8) as printed: bias correction by (1 − ζ)
+            r = zeta2 * r + (1 - zeta2) * g.square()
+            step = (m / (1 - zeta1)) / ((r / (1 - zeta2)).sqrt() + eps)
+        else:
+            raise ValueError(method)
+        a = torch.max(torch.min(a + lr * step, high), low)  # stay in the action range
+        iterates.append(a)
+    cand = torch.stack(iterates, dim=1)  # (N, n+1, A)
+    n, k = cand.shape[:2]
+    q = q_fn(states.repeat_interleave(k, 0), cand.reshape(n * k, -1)).reshape(n, k)
+    best = q.argmax(dim=1)  # eq. (2); a tie keeps the earliest iterate, so a⁰ wins when nothing improves
+    return cand[torch.arange(n, device=cand.device), best], best
+
+
+# ALGO LOGIC: LAMB optimiser (You et al., 2019; ODT App. C)
+class Lamb(torch.optim.Optimizer):
+    """Adam moments + decoupled weight decay, scaled per tensor by the trust ratio ‖w‖ / ‖update‖."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, u_norm = p.norm().clamp(max=10.0), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · min(1, (step+1)/warmup) (Reinformer: 5000 warm-up steps)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+# ALGO LOGIC: offline data: trajectory windows for the transformer, transitions for the critic
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sums R_t = Σ_{t'≥t} r_t'."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+class OfflineDataset:
+    """All offline trajectories as flat tensors on the training device; a batch is one fancy-indexing gather."""
+
+    def __init__(self, data: OfflineData, rtg_scale: float, max_ep_len: int, device: torch.device):
+        eps = data.episodes
+        self.lengths = np.array([len(e.rewards) for e in eps], dtype=np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
+        mean, std = data.state_mean.astype(np.float32), data.state_std.astype(np.float32)
+        cat = lambda key: np.concatenate([getattr(e, key) for e in eps]).astype(np.float32)
+        flat = {
+            "states": (cat("observations") - mean) / std,  # frozen dataset normalisation
+            "next_states": (cat("next_observations") - mean) / std,
+            "actions": cat("actions"),
+            "rewards": cat("rewards"),
+            "dones": np.concatenate([e.terminals for e in eps]).astype(np.float32),  # truncations bootstrap
+            "rtg": np.concatenate([returns_to_go(e.rewards) for e in eps]) * rtg_scale,
+            "timesteps": np.concatenate([np.arange(n) for n in self.lengths]).clip(max=max_ep_len - 1),
+        }
+        self.flat = {k: torch.as_tensor(v).to(device) for k, v in flat.items()}
+        self.device = device
+
+    def sample_indices(self, batch_size: int, context_len: int, rng: np.random.Generator):
+        """Indices (B, K) and valid mask (B, K): trajectories uniformly, a start uniformly among the full
+        windows (all of [0, T−K]), right padding when a trajectory is shorter than K (Reinformer's sampler)."""
+        traj = rng.integers(0, len(self.lengths), batch_size)
+        length = self.lengths[traj]
+        start = (rng.random(batch_size) * np.maximum(length - context_len + 1, 1)).astype(np.int64)
+        pos = np.arange(context_len)
+        valid = pos[None, :] < np.minimum(context_len, length - start)[:, None]
+        step = np.where(valid, start[:, None] + pos[None, :], start[:, None])
+        return self.offsets[traj][:, None] + step, valid
+
+    def sample(self, batch_size: int, context_len: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx, valid = self.sample_indices(batch_size, context_len, rng)
+        idx = torch.as_tensor(idx, device=self.device)
+        valid = torch.as_tensor(valid, device=self.device)
+        batch = {k: self.flat[k][idx] for k in ("states", "actions", "rtg", "timesteps")}
+        batch["states"] = batch["states"] * valid.unsqueeze(-1)  # padded steps are zeros
+        batch["actions"] = batch["actions"] * valid.unsqueeze(-1)
+        batch["rtg"] = batch["rtg"] * valid
+        batch["timesteps"] = batch["timesteps"] * valid
+        batch["valid"] = valid
+        return batch
+
+    def sample_transitions(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(rng.integers(0, len(self.flat["rewards"]), batch_size), device=self.device)
+        return {k: self.flat[k][idx] for k in ("states", "actions", "rewards", "next_states", "dones")}
+
+
+# ALGO LOGIC: losses and the update step
+def reinformer_losses(model: Reinformer, log_temperature: torch.Tensor, batch: dict, args):
+    """Max-return loss + NLL − λ·H for θ, and the dual loss for log λ; all masked to valid tokens."""
+    rtg_pred, mu = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"])
+    valid = batch["valid"].float()
+    n_valid = valid.sum()
+    target = batch["rtg"]
+    # Max-return loss: expectile regression of R̂ towards R, residual normalised by mean |R| (τ = 0.99).
+    u = (target - rtg_pred) / ((target.abs() * valid).sum() / n_valid).clamp(min=1e-8)
+    rtg_loss = (expectile_loss(u, args.expectile) * valid).sum() / n_valid
+    log_std = model.clamped_log_std()
+    log_prob = (-0.5 * ((batch["actions"] - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi))
+    nll = -(log_prob.sum(-1) * valid).sum() / n_valid
+    entropy = (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum()  # closed form, the same at every token
+    temperature = log_temperature.exp()
+    loss = rtg_loss + nll - temperature.detach() * entropy
+    temperature_loss = temperature * (entropy - args.target_entropy).detach()  # raises λ when H < β (ODT eq. 6)
+    return loss, temperature_loss, {"train/rtg_loss": rtg_loss, "train/nll": nll, "train/entropy": entropy,
+                                    "train/loss": loss, "train/temperature": temperature}
+
+
+def update(model, optimizer, scheduler, log_temperature, temperature_optimizer, critic, critic_optimizer,
+           data: OfflineDataset, rng: np.random.Generator, args):
+    model.train()
+    loss, temperature_loss, stats = reinformer_losses(model, log_temperature,
+                                                      data.sample(args.batch_size, args.context_len, rng), args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    temperature_optimizer.zero_grad(set_to_none=True)
+    temperature_loss.backward()
+    temperature_optimizer.step()
+    for _ in range(args.critic_updates):  # the critic never sees AG-adjusted actions (AG §3.3)
+        critic_loss, critic_stats = iql_losses(critic, data.sample_transitions(args.critic_batch_size, rng), args)
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+        critic.update_targets(args.polyak)
+    return {k: v.detach() for k, v in {**stats, **critic_stats}.items()}
+
+
+# ALGO LOGIC: acting in the environment
+class RFAgent:
+    """Keeps the per-env context for rollouts (common.evaluation.Policy); all envs step in lockstep.
+
+    Each step: pass 1 predicts R̂_t at the state token and writes it into the RTG slot; pass 2 reads the
+    action mean at the RTG token (Reinformer); then Action Gradient on the IQL critic if ag_steps > 0.
+    """
+
+    def __init__(self, model: Reinformer, critic: IQLCritic, args: Args, state_mean, state_std, device,
+                 max_ep_len: int, low: np.ndarray, high: np.ndarray, ag_steps: int, ag_lr: float):
+        self.model, self.critic, self.args, self.device = model, critic, args, device
+        self.context_len, self.max_ep_len = args.eval_context_len, max_ep_len
+        self.ag_steps, self.ag_lr = ag_steps, ag_lr
+        self.mean = torch.as_tensor(state_mean, device=device)
+        self.std = torch.as_tensor(state_std, device=device)
+        self.low = torch.as_tensor(low, device=device, dtype=torch.float32)
+        self.high = torch.as_tensor(high, device=device, dtype=torch.float32)
+        self.act_dim = model.log_std.shape[0]
+        self.stats = {"changed": 0.0, "q_gain": 0.0, "shift": 0.0, "n": 0}
+
+    def reset(self, obs: np.ndarray) -> None:
+        n, horizon = obs.shape[0], self.max_ep_len + 1
+        self.t = 0
+        self.states = torch.zeros(n, horizon, obs.shape[1], device=self.device)
+        self.actions = torch.zeros(n, horizon, self.act_dim, device=self.device)
+        self.rtg = torch.zeros(n, horizon, device=self.device)
+        self.rtg[:, 0] = (self.args.g_eval or 0.0) * self.args.rtg_scale  # used by --conditioning target only
+
+    def _grow(self) -> None:  # episodes longer than the env's time limit
+        for name in ("states", "actions", "rtg"):
+            buf = getattr(self, name)
+            setattr(self, name, torch.cat((buf, torch.zeros_like(buf)), dim=1))
+
+    def _adaptive_valid(self, lo: int, t: int) -> torch.Tensor:
+        """AG §4.1: step t−j stays while R̂_{t−j} > R̂_{t−j+1} for all j' ≤ j (up to the window)."""
+        window = self.rtg[:, lo:t + 1]
+        keep_prev = window[:, :-1] > window[:, 1:]  # (N, w−1): step i is kept if it beats step i+1
+        chain = torch.cumprod(keep_prev.flip(1).int(), dim=1).flip(1).bool()  # unbroken back from t
+        return torch.cat((chain, torch.ones_like(chain[:, :1])), dim=1)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.t + 1 >= self.states.shape[1]:
+            self._grow()
+        t = self.t
+        s = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
+        self.states[:, t] = s
+        lo = max(0, t + 1 - self.context_len)
+        steps = torch.arange(lo, t + 1, device=self.device).clamp(max=self.max_ep_len - 1).expand(obs.shape[0], -1)
+        window = lambda: (self.rtg[:, lo:t + 1], self.states[:, lo:t + 1], self.actions[:, lo:t + 1], steps)
+        self.model.eval()
+        if self.args.conditioning == "predicted":  # pass 1: R̂_t from the state token (the R_t slot is unseen)
+            self.rtg[:, t] = self.model.predict_rtg(*window())[:, -1]
+        valid = self._adaptive_valid(lo, t) if self.args.adaptive_context else None
+        a0 = self.model.predict_action(*window(), valid)[:, -1]  # pass 2: the mean at the R_t token
+        action = a0
+        if self.ag_steps > 0:
+            a = self.args
+            action, best = action_gradient(self.critic.target_q, s, a0, self.ag_steps, self.ag_lr, a.ag_method,
+                                           self.low, self.high, a.ag_zeta1, a.ag_zeta2, a.ag_eps)
+            self.stats["changed"] += (best > 0).float().sum().item()
+            self.stats["q_gain"] += (self.critic.target_q(s, action) - self.critic.target_q(s, a0)).sum().item()
+            self.stats["shift"] += (action - a0).norm(dim=-1).sum().item()
+            self.stats["n"] += obs.shape[0]
+        self.actions[:, t] = action  # the executed action enters the context
+        return action.cpu().numpy()
+
+    def observe(self, rewards: np.ndarray) -> None:
+        if self.args.conditioning == "target":  # DT: R_{t+1} = R_t − r_t
+            r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+            self.rtg[:, self.t + 1] = self.rtg[:, self.t] - r * self.args.rtg_scale
+        self.t += 1
+
+
+def evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, ag_steps: int, ag_lr: float) -> dict:
+    """Plain RF (`eval_rf/...`) and RF+AG (`eval/...`) on the same episode seeds; with n = 0 both are RF."""
+    seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
+    space = eval_envs.single_action_space
+    metrics = {}
+    for prefix, steps in (("eval_rf", 0), ("eval", ag_steps)):
+        if prefix == "eval" and steps == 0:
+            metrics.update({k.replace("eval_rf/", "eval/"): v for k, v in metrics.items()})
+            break
+        agent = RFAgent(model, critic, args, data.state_mean, data.state_std, device, max_ep_len,
+                        space.low, space.high, steps, ag_lr)
+        t0 = time.perf_counter()
+        result = evaluate(eval_envs, agent, seeds, data.normalized_score)
+        elapsed = time.perf_counter() - t0
+        metrics.update({k.replace("eval/", f"{prefix}/"): v for k, v in result.items()})
+        metrics[f"{prefix}/env_steps_per_second"] = result["eval/length_mean"] * len(seeds) / max(elapsed, 1e-9)
+        if steps:
+            n = max(agent.stats["n"], 1)
+            metrics.update({"eval/ag_changed_frac": agent.stats["changed"] / n,
+                            "eval/ag_q_gain": agent.stats["q_gain"] / n, "eval/ag_shift": agent.stats["shift"] / n})
+    return metrics
+
+
+# TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
+class UserError(Exception):
+    """A problem the user can fix; printed as one paragraph without a traceback."""
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class RunLogger:
+    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["global_step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = self.path.open("a")
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
+                                    dir=str(run_dir))
+
+    def log(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["global_step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
+    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    script = Path(__file__).name
+    if args.resume is None:
+        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return args, run_dir, None
+    run_dir = Path(args.resume)
+    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
+                        f"(runs/<env>__<exp>__<seed>__<time>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("script") != script:
+        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
+                        f"not {script}. Resume it with that script.")
+    if not ckpt_path.is_file():
+        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
+                        f"or was started with --no-save-model). Start a new run instead.")
+    fields = {f.name for f in dataclasses.fields(Args)}
+    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
+    saved.resume, saved.progress = args.resume, args.progress
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or corrupt file
+        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
+    return saved, run_dir, checkpoint
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")  # atomic: a crash never leaves a half-written checkpoint
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
+
+
+def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad:
+        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
+                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
+                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
+                "with a lower --learning-rate or --grad-clip")
+        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
+                                 f"Training stopped: {kept}.")
+
+
+# Fields an --eval-only run takes from the trained run (the network's shape and its input convention).
+MODEL_FIELDS = ("env_id", "dataset_path", "generate_steps", "embed_dim", "n_layers", "n_heads", "dropout",
+                "context_len", "separate_networks", "rtg_scale", "critic_hidden")
+
+
+def load_trained_run(args: Args) -> tuple[Args, Path]:
+    run = Path(args.eval_only)
+    model_path = run / "model.pt"
+    config_path = run / "config.json"
+    if not config_path.is_file() or not model_path.is_file():
+        raise UserError(f"--eval-only {run}: expected a finished run folder of {Path(__file__).name} with "
+                        f"config.json and model.pt (runs/<env>__<exp>__<seed>__<time>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("script") != Path(__file__).name:
+        raise UserError(f"--eval-only {run}: that run was made by {config.get('script', 'another script')}.")
+    for key in MODEL_FIELDS:
+        setattr(args, key, config["args"][key])
+    return args, model_path
+
+
+def main(args: Args) -> dict:
+    trained_model_path = None
+    if args.eval_only is not None:
+        args, trained_model_path = load_trained_run(args)
+    args, run_dir, checkpoint = prepare_run(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
+          f"device {device}, run folder {run_dir}")
+
+    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
+
+    # ALGO LOGIC: model, critic, optimisers, data
+    model = Reinformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads, args.dropout,
+                       max_ep_len, args.separate_networks).to(device)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
+    critic = IQLCritic(data.obs_dim, data.act_dim, args.critic_hidden).to(device)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    if trained_model_path is not None:
+        return sweep(args, run_dir, trained_model_path, model, critic, data, eval_envs, device, max_ep_len)
+    offline = OfflineDataset(data, args.rtg_scale, max_ep_len, device)
+
+    counters = {"updates": 0, "env_steps": 0, "rounds": 0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        with torch.no_grad():
+            log_temperature.copy_(checkpoint["log_temperature"])
+        temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
+        critic.load_state_dict(checkpoint["critic"])
+        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        counters.update(checkpoint["counters"])
+        restore_rng_state(rng, checkpoint["rng"])
+        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}")
+    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
+    stop = StopFlag()
+
+    def checkpoint_now():
+        if args.save_model:
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "log_temperature": log_temperature.detach().cpu(),
+                "temperature_optimizer": temperature_optimizer.state_dict(), "critic": critic.state_dict(),
+                "critic_optimizer": critic_optimizer.state_dict(), "counters": dict(counters), "rng": rng_state(rng)})
+
+    def run_eval() -> dict:
+        return evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, args.ag_steps, args.ag_lr)
+
+    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
+        if stats_sum is not None and n:
+            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
+            check_finite({k: row[k] for k in keys}, counters, run_dir)
+        row.update(extra)
+        logger.log(row)
+
+    start_time = time.time()
+    stats_keys: list[str] = []
+    stats_sum, n_stats, update_time = None, 0, 0.0
+
+    # Offline training with periodic evaluation (Alg. 1, "Training"; evaluation = "Inference")
+    last_ckpt = counters["updates"] // args.checkpoint_interval
+    final, final_at = {}, -1
+    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+               desc="training", disable=not args.progress, unit="upd", dynamic_ncols=True)
+    while counters["updates"] < args.pretrain_updates and not stop.requested:
+        t0 = time.perf_counter()
+        stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer, critic,
+                       critic_optimizer, offline, rng, args)
+        stats_keys = list(stats)
+        vec = torch.stack([stats[k] for k in stats_keys])
+        stats_sum = vec if stats_sum is None else stats_sum + vec
+        n_stats += 1
+        counters["updates"] += 1
+        update_time += time.perf_counter() - t0
+        bar.update(1)
+        done = counters["updates"] == args.pretrain_updates
+        if counters["updates"] % args.log_interval == 0 or done:
+            extra = {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)}
+            if counters["updates"] % args.eval_interval == 0 or done:
+                extra.update(run_eval())
+                final, final_at = {k: v for k, v in extra.items() if k.startswith("eval")}, counters["updates"]
+                bar.set_postfix(rf=f"{extra['eval_rf/return_mean']:.2f}", ag=f"{extra['eval/return_mean']:.2f}")
+            flush(stats_sum, n_stats, stats_keys, extra)
+            stats_sum, n_stats, update_time = None, 0, 0.0
+            if counters["updates"] // args.checkpoint_interval > last_ckpt or done:
+                last_ckpt = counters["updates"] // args.checkpoint_interval
+                checkpoint_now()
+    bar.close()
+
+    if stop.requested:
+        checkpoint_now()
+        logger.close()
+        print(f"Stopped at update {counters['updates']}. Continue with:\n"
+              f"  python {Path(__file__).name} --resume {run_dir}")
+        return {"stopped": True, "run_dir": str(run_dir)}
+
+    if final_at != counters["updates"]:  # resumed after the last evaluation
+        final = run_eval()
+    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
+               "wall_time_s": time.time() - start_time, **final}
+    flush(None, 0, [], {"phase": "final", **final})
+    if args.capture_video:
+        record_video(model, critic, args, data, device, max_ep_len, run_dir)
+    if args.save_model:
+        torch.save({"model": model.state_dict(), "critic": critic.state_dict()}, run_dir / "model.pt")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
+    print(f"final: RF return {final['eval_rf/return_mean']:.2f} (normalized "
+          f"{final['eval_rf/normalized_score_mean']:.2f}), RF+AG return {final['eval/return_mean']:.2f} ± "
+          f"{final['eval/return_std']:.2f}, normalized score "
+          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    return summary
+
+
+def sweep(args, run_dir, model_path, model, critic, data, eval_envs, device, max_ep_len) -> dict:
+    """--eval-only: evaluate one trained model for every (η, n) of the sweep lists (AG §5: tuning AG needs
+    only the evaluation phase). Rows go to metrics.jsonl (phase 'eval_only'), the table to summary.json."""
+    try:
+        state = torch.load(model_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        critic.load_state_dict(state["critic"])
+    except Exception as exc:  # wrong file, or a model of another shape
+        raise UserError(f"--eval-only: {model_path} does not hold this script's model for {args.env_id} "
+                        f"({exc}).") from exc
+    logger, rows = RunLogger(run_dir, args, None), []
+    grid = [(0, 0.0), *itertools.product(args.sweep_ag_steps or (args.ag_steps,), args.sweep_ag_lr or (args.ag_lr,))]
+    for steps, lr in tqdm(grid, desc="sweep", disable=not args.progress):
+        m = evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, steps, lr)
+        m = {k: v for k, v in m.items() if steps or k.startswith("eval/")}
+        row = {"global_step": 0, "env_steps": 0, "rounds": 0, "phase": "eval_only", "ag/steps": steps, "ag/lr": lr,
+               **{k.replace("eval/", ""): v for k, v in m.items() if k.startswith("eval/")}}
+        logger.log(row)
+        rows.append(row)
+        print(f"n={steps:3d} eta={lr:<8g} method={args.ag_method}: return {row['return_mean']:9.2f} ± "
+              f"{row['return_std']:.2f}, normalized {row['normalized_score_mean']:7.2f}, "
+              f"Q gain {row.get('ag_q_gain', 0.0):.4f}, steps/s {row['env_steps_per_second']:.0f}")
+    logger.close()
+    summary = {"run_dir": str(run_dir), "evaluated": str(model_path), "env_id": args.env_id, "rows": rows}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def record_video(model, critic, args, data, device, max_ep_len, run_dir: Path) -> None:
+    try:
+        import imageio.v2 as imageio
+
+        env = data.make_env(render_mode="rgb_array")
+        space = env.action_space
+        agent = RFAgent(model, critic, args, data.state_mean, data.state_std, device, max_ep_len, space.low,
+                        space.high, args.ag_steps, args.ag_lr)
+        obs, _ = env.reset(seed=10_000 + args.seed * 1000)
+        agent.reset(obs[None].astype(np.float32))
+        frames, done = [env.render()], False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
+            agent.observe(np.array([reward], dtype=np.float32))
+            frames.append(env.render())
+            done = terminated or truncated
+        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
+    except Exception as exc:  # rendering needs a GL backend (MUJOCO_GL=egl or osmesa) and imageio-ffmpeg
+        print(f"warning: --capture-video failed ({exc}); set MUJOCO_GL=egl or osmesa and "
+              f"pip install imageio-ffmpeg", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (UserError, DatasetError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
