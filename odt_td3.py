@@ -309,11 +309,11 @@ class DecisionTransformer(nn.Module):
         return self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
-        """Deterministic action μ = tanh(Linear(h)) (paper §4: the DT is a TD3 actor; no Gaussian, no entropy)."""
+        """Deterministic action μ = tanh(Linear(h)) (the DT is the TD3 actor: no Gaussian, no entropy)."""
         return torch.tanh(self.mu_head(h))
 
 
-# ALGO LOGIC: twin-Q critic (paper §4; TD3, Fujimoto et al., 2018)
+# ALGO LOGIC: twin-Q critic (poster "Practical Solution"; TD3, Fujimoto et al., 2018)
 class Critic(nn.Module):
     """Q1, Q2: MLPs 2×256 ReLU on (normalised state, action) only — no RTG, no history. A parameter-free
     LayerNorm after each hidden layer stabilises the sparse-reward families (Adroit, AntMaze, Maze2d)."""

@@ -218,7 +218,8 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     if args.conditioning == "target" and args.g_eval is None:
         raise UserError(f"No default target return is known for '{args.env_id}' (no reference score). "
                         f"Pass --g-eval with --conditioning target.")
-    for name in ("context_len", "eval_context_len", "batch_size", "critic_batch_size", "eval_episodes"):
+    for name in ("context_len", "eval_context_len", "batch_size", "critic_batch_size", "critic_updates",
+                 "eval_episodes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
     if args.ag_steps < 0 or args.ag_lr < 0:
