@@ -974,6 +974,9 @@ def main(args: Args) -> dict:
         raise UserError(f"Invalid GRPO settings ({', '.join(bad) or f'--group-size {args.group_size}'}): group "
                         f"size must be ≥ 2 (advantages are normalised within a group), lengths and counts ≥ 1, "
                         f"--cont-len and --grpo-minibatch ≥ 0.")
+    if args.min_steps_per_round is not None or args.updates_per_round != Args.updates_per_round:
+        print("warning: --min-steps-per-round / --updates-per-round are ODT's; dt_grpo.py ignores them (a round is "
+              "--groups-per-round groups; updates per round = --grpo-epochs × minibatches).", file=sys.stderr)
 
     # ALGO LOGIC: model, optimisers, replay
     model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,

@@ -196,7 +196,7 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "antmaze": dict(rtg_scale=1.0),
     # Single-state, single-step toys (algorithms.md §3): one token per window, returns are rewards.
     "toy": dict(pretrain_updates=1500, context_len=1, rtg_scale=1.0, learning_rate=1e-3, warmup_steps=100,
-                ag_steps=10, ag_lr=0.1),
+                ag_steps=10, ag_lr=0.3),
 }
 COMMON_DEFAULTS = dict(pretrain_updates=50_000, context_len=5, learning_rate=1e-4, warmup_steps=5000, rtg_scale=1e-3,
                        ag_steps=10, ag_lr=0.01)

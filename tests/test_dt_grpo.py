@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 import torch
 
 import dt_grpo
-from conftest import TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_script
+from conftest import REPO, TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_script
 
 
 def tiny_model(state_dim=11, act_dim=3, dropout=0.1, seed=0):
@@ -251,6 +256,30 @@ def test_dt_grpo_end_to_end(tiny_hopper, tmp_path):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["reference_model"] is not None and ckpt["online_optimizer"]["state"]
     assert "final: return" in result.stdout
+
+
+@pytest.mark.slow
+def test_stop_in_online_phase_and_resume(tiny_hopper, tmp_path):
+    args = [*E2E, "--online-steps", "1800", "--checkpoint-interval", "16"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "dt_grpo.py"), *args], cwd=tmp_path, text=True,
+                            env={**os.environ, **tiny_hopper}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, online = time.time() + 120, False
+    while time.time() < deadline and not online:
+        runs = list((tmp_path / "runs").glob("*/metrics.jsonl")) if (tmp_path / "runs").exists() else []
+        online = runs and '"phase": "online"' in runs[0].read_text()
+        time.sleep(0.1)
+    assert online, "no online round finished"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "--resume" in out, err
+    run_dir = only_run_dir(tmp_path)
+    stopped = torch.load(run_dir / "checkpoint.pt", weights_only=False)["counters"]
+    assert 0 < stopped["env_steps"] < 1800 and stopped["rounds"] >= 1
+    run_script("dt_grpo.py", "--resume", str(run_dir), "--no-progress", cwd=tmp_path, env=tiny_hopper)
+    rows = [r for r in read_metrics(run_dir) if r["phase"] == "online"]
+    rounds = [r["rounds"] for r in rows]
+    assert rounds == list(range(1, len(rounds) + 1))  # no round lost or logged twice
+    assert rows[-1]["global_step"] == 100 + 16 * rows[-1]["rounds"] and rows[-1]["env_steps"] >= 1800
 
 
 @pytest.mark.slow
