@@ -26,7 +26,8 @@ Offline pretraining windows are relabeled as in ODT (there the RTGs are the achi
 
 Choices the abstract leaves open (each is a flag; defaults per dataset family in GRPO_DEFAULTS):
 - Branching: every member env is reset with the reference episode's seed, then MuJoCo's qpos/qvel are
-  restored with `set_state` and the TimeLimit step counter is set to the branch step (--group-size,
+  restored with `set_state`, plus the solver warm start and time (without them the next step differs by
+  ~1e-6 under contact), and the TimeLimit step counter is set to the branch step (--group-size,
   --sub-len, --cont-len, --groups-per-round). The DT context before the branch point (last
   eval_context_len − 1 steps of the reference, with its RTG tokens) is shared by the whole group. Envs
   without `set_state` are refused, except the single-state toys, whose only branch point t=0 is a reset.
@@ -640,13 +641,24 @@ def can_restore(env) -> bool:
     return hasattr(env.unwrapped, "set_state")
 
 
-def restore(env, seed: int, qpos: np.ndarray | None, qvel: np.ndarray | None, t: int) -> None:
+def sim_state(env) -> np.ndarray:
+    """qpos, qvel, the solver's warm start and the time: set_state(qpos, qvel) alone reproduces the next
+    step only up to ~1e-6 when contacts are active, because MuJoCo warm-starts its solver from qacc."""
+    d = env.unwrapped.data
+    return np.concatenate((d.qpos, d.qvel, d.qacc_warmstart, [d.time]))
+
+
+def restore(env, seed: int, state: np.ndarray | None, t: int) -> None:
     """Put `env` in the state the reference episode had at step t: reset with the episode's seed (this also
-    restores goals and anything else drawn at reset), then MuJoCo's qpos/qvel and the TimeLimit counter."""
+    restores goals and anything else drawn at reset), then the MuJoCo state and the TimeLimit counter."""
     env.reset(seed=seed)
     if t == 0:
         return
-    env.unwrapped.set_state(qpos, qvel)
+    u = env.unwrapped
+    nq, nv = u.data.qpos.size, u.data.qvel.size
+    u.set_state(state[:nq], state[nq:nq + nv])
+    u.data.qacc_warmstart[:] = state[nq + nv:nq + 2 * nv]
+    u.data.time = state[-1]
     wrapper = env
     while wrapper is not None:
         if hasattr(wrapper, "_elapsed_steps"):
@@ -655,15 +667,14 @@ def restore(env, seed: int, qpos: np.ndarray | None, qvel: np.ndarray | None, t:
 
 
 def reference_rollout(env, agent: WindowAgent, seed: int, target: float, sample: bool) -> dict[str, np.ndarray]:
-    """One episode; records per step the observation, action, RTG token, reward, MuJoCo state and σ²."""
+    """One episode; records per step the observation, action, RTG token, reward, simulator state and σ²."""
     obs, _ = env.reset(seed=seed)
     restorable = can_restore(env)
-    rec: dict[str, list] = {k: [] for k in ("obs", "actions", "rtg", "rewards", "qpos", "qvel", "var")}
+    rec: dict[str, list] = {k: [] for k in ("obs", "actions", "rtg", "rewards", "sim", "var")}
     rtg, t, done = torch.full((1,), target, device=agent.device), 0, False
     while not done:
         if restorable:
-            rec["qpos"].append(env.unwrapped.data.qpos.copy())
-            rec["qvel"].append(env.unwrapped.data.qvel.copy())
+            rec["sim"].append(sim_state(env))
         agent.push(obs[None], rtg, torch.full((1,), t, device=agent.device))
         action, var = agent.act(sample)
         rec["obs"].append(np.asarray(obs, np.float32))
@@ -673,7 +684,7 @@ def reference_rollout(env, agent: WindowAgent, seed: int, target: float, sample:
         obs, reward, terminated, truncated, _ = env.step(action[0])
         rec["rewards"].append(float(reward))
         rtg, t, done = agent.next_rtg(np.array([reward])), t + 1, terminated or truncated
-    return {k: np.asarray(v, np.float32 if k not in ("qpos", "qvel") else np.float64) for k, v in rec.items()}
+    return {k: np.asarray(v, np.float64 if k == "sim" else np.float32) for k, v in rec.items()}
 
 
 def branch_points(variance: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndarray:
@@ -695,8 +706,7 @@ def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t
     g, n, k = args.group_size, len(envs), agent.k
     t0 = np.repeat(t0s, g)  # member i belongs to group i // G
     for env, t in zip(envs, t0, strict=True):
-        restore(env, seed, ref["qpos"][t] if len(ref["qpos"]) else None, ref["qvel"][t] if len(ref["qvel"]) else None,
-                int(t))
+        restore(env, seed, ref["sim"][t] if len(ref["sim"]) else None, int(t))
     # Shared context: the reference's window at t0 (its K−1 previous steps, left-padded, and s_t0, RTG_t0).
     pos = t0[:, None] + np.arange(-(k - 1), 1)[None]
     hist = np.clip(pos, 0, None)

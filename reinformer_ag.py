@@ -199,7 +199,7 @@ DATASET_DEFAULTS: dict[str, dict] = {
                 ag_steps=10, ag_lr=0.3),
 }
 COMMON_DEFAULTS = dict(pretrain_updates=50_000, context_len=5, learning_rate=1e-4, warmup_steps=5000, rtg_scale=1e-3,
-                       ag_steps=10, ag_lr=0.01)
+                       ag_steps=3, ag_lr=1e-3)
 
 
 def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
@@ -602,7 +602,7 @@ class RFAgent:
         window = self.rtg[:, lo:t + 1]
         keep_prev = window[:, :-1] > window[:, 1:]  # (N, w−1): step i is kept if it beats step i+1
         chain = torch.cumprod(keep_prev.flip(1).int(), dim=1).flip(1).bool()  # unbroken back from t
-        return torch.cat((chain, torch.ones_like(chain[:, :1])), dim=1)
+        return torch.cat((chain, torch.ones(chain.shape[0], 1, dtype=torch.bool, device=chain.device)), dim=1)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:

@@ -221,6 +221,12 @@ def test_adaptive_context_keeps_steps_while_rtg_decreases():
     agent.rtg[:, :4] = torch.tensor([[5.0, 4.0, 6.0, 3.0], [9.0, 8.0, 7.0, 6.0]])
     valid = agent._adaptive_valid(0, 3)
     assert valid.tolist() == [[False, False, True, True], [True, True, True, True]]
+    assert agent._adaptive_valid(0, 0).tolist() == [[True], [True]]  # the first step: a window of one
+    fresh = make_agent(tiny_model(), adaptive=True, eval_context_len=4)
+    fresh.reset(np.zeros((2, 3), np.float32))
+    for t in range(5):
+        assert np.isfinite(fresh.act(np.full((2, 3), float(t), np.float32))).all()
+        fresh.observe(np.ones(2, np.float32))
     # masked steps do not influence the action: same output as the shorter window
     model = agent.model
     args = (agent.rtg[:1, :4], torch.randn(1, 4, 3), torch.randn(1, 4, 2), torch.arange(4)[None])
@@ -343,7 +349,7 @@ def test_end_to_end_and_eval_only_sweep(tiny_hopper, tmp_path):
 
 @pytest.mark.slow
 def test_stop_and_resume_continues_counters(tiny_hopper, tmp_path):
-    args = [*E2E, "--pretrain-updates", "400", "--eval-interval", "400", "--checkpoint-interval", "25",
+    args = [*E2E, "--pretrain-updates", "200", "--eval-interval", "200", "--checkpoint-interval", "25",
             "--ag-steps", "0"]
     proc = subprocess.Popen([sys.executable, str(REPO / "reinformer_ag.py"), *args], cwd=tmp_path,
                             env={**__import__("os").environ, **tiny_hopper}, stdout=subprocess.PIPE,
@@ -360,11 +366,11 @@ def test_stop_and_resume_continues_counters(tiny_hopper, tmp_path):
     assert "--resume" in out
     run_dir = only_run_dir(tmp_path)
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert 0 < ckpt["counters"]["updates"] < 400 and "critic" in ckpt and "critic_optimizer" in ckpt
+    assert 0 < ckpt["counters"]["updates"] < 200 and "critic" in ckpt and "critic_optimizer" in ckpt
     run_script("reinformer_ag.py", "--resume", str(run_dir), "--no-progress", cwd=tmp_path, env=tiny_hopper)
     rows = read_metrics(run_dir)
     steps = [r["global_step"] for r in rows if "train/nll" in r]
-    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 400
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 200
     final = [r for r in rows if r["phase"] == "final"][-1]
     assert final["eval/return_mean"] == final["eval_rf/return_mean"]  # --ag-steps 0 is plain Reinformer
 
@@ -384,7 +390,7 @@ def test_bad_input_gives_one_clear_message(tiny_hopper, tmp_path, extra, needle)
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_message(tiny_hopper, tmp_path):
-    args = [*E2E, "--learning-rate", "1e30", "--critic-lr", "1e30", "--warmup-steps", "1"]
+    args = [*E2E, "--learning-rate", "1e30", "--critic-lr", "1e30", "--warmup-steps", "1", "--log-interval", "5"]
     result = run_script("reinformer_ag.py", *args, cwd=tmp_path, env=tiny_hopper, check=False)
     assert result.returncode == 2, result.stderr
     assert "Non-finite" in result.stderr and "Traceback" not in result.stderr
