@@ -3,6 +3,9 @@
 - `toy-vitamin-v0` — ODT+TD3 ("RL gradients as vitamin", arXiv 2410.24108) §3.1: r(a) = (a+1)² for a < 0,
   1 − 2a for a ≥ 0 (peak r = 1 at a = 0). Offline data sits on the two feet of the reward, far from the peak.
 - `toy-ag-v0` — Reinformer + Action Gradient §3.1, Figure 2: r(a) = 1 − a², offline data only has |a| ≥ 0.5.
+  The paper gives no distribution beyond |a| > 0.5. We put the best data actions (|a| ≈ 0.5, r ≈ 0.75) on one
+  side only: with two symmetric modes a Gaussian policy conditioned on the best return averages them onto
+  a ≈ 0, the optimum, and the toy would show nothing (plain Reinformer measured 0.99 there).
 
 Both: one constant observation [1.0], action a ∈ [−1, 1] (Box shape (1,)), the episode terminates after one
 step. The envs are registered with Gymnasium (`gym.make("toy-vitamin-v0")`, TimeLimit of 1 step), so the
@@ -86,13 +89,14 @@ def toy_offline_actions(env_id: str, seed: int = 0) -> np.ndarray:
     """The 128 offline actions (128, 1) float32 of a toy, deterministic in `seed`.
 
     vitamin: 100 uniform in [−1, −0.95] then 28 uniform in [0.5, 1] (ODT+TD3 §3.1).
-    ag: 128 magnitudes uniform in [0.5, 1], the first 64 positive and the last 64 negative (AG §3.1).
+    ag: 64 uniform in [0.5, 1] and 64 uniform in [−1, −0.8], so |a| ≥ 0.5 (AG §3.1) and the best data
+    actions (a ≈ 0.5, r ≈ 0.75) lie on one side of the optimum (see the module docstring).
     """
     rng = np.random.default_rng(seed)
     if env_id == "toy-vitamin-v0":
         a = np.concatenate([rng.uniform(-1.0, -0.95, 100), rng.uniform(0.5, 1.0, 28)])
     elif env_id == "toy-ag-v0":
-        a = rng.uniform(0.5, 1.0, 128) * np.repeat([1.0, -1.0], 64)
+        a = np.concatenate([rng.uniform(0.5, 1.0, 64), rng.uniform(-1.0, -0.8, 64)])
     else:
         raise KeyError(env_id)
     return a.astype(np.float32)[:, None]

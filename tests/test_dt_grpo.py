@@ -284,17 +284,25 @@ def test_stop_in_online_phase_and_resume(tiny_hopper, tmp_path):
     assert rows[-1]["global_step"] == 100 + 16 * rows[-1]["rounds"] and rows[-1]["env_steps"] >= 1800
 
 
+TOY = ["--env-id", "toy-vitamin-v0", "--seed", "1", "--embed-dim", "32", "--n-layers", "1", "--n-heads", "1",
+       "--batch-size", "64", "--warmup-steps", "10", "--pretrain-updates", "300", "--learning-rate", "1e-3",
+       "--online-steps", "512", "--eval-interval", "256", "--eval-episodes", "5", "--no-progress"]
+
+
 @pytest.mark.slow
-def test_toy_pure_rl_gradients_reach_the_hidden_peak(tmp_path, data_env):
-    """ODT+TD3 §3.1 toy: offline actions sit on the feet of r(a); GRPO moves the action to the peak a = 0."""
-    run_script("dt_grpo.py", "--env-id", "toy-vitamin-v0", "--embed-dim", "32", "--n-layers", "1", "--n-heads", "1",
-               "--batch-size", "64", "--warmup-steps", "10", "--pretrain-updates", "300", "--learning-rate", "1e-3",
-               "--online-steps", "1000", "--eval-interval", "256", "--eval-episodes", "5", "--no-progress",
-               cwd=tmp_path, env=data_env)
-    rows = read_metrics(only_run_dir(tmp_path))
-    evals = [r["eval/return_mean"] for r in rows if "eval/return_mean" in r]
+def test_toy_pure_rl_gradients_reach_the_hidden_peak_odt_does_not(tmp_path, data_env):
+    """ODT+TD3 §3.1 toy: offline actions sit on the feet of r(a). With the same pretraining and the same 512
+    online env steps, GRPO moves the action to the peak a = 0; ODT (64 env steps and 50 updates per round,
+    conditioned on the same g = 1) stays near the data."""
+    (tmp_path / "grpo").mkdir(), (tmp_path / "odt").mkdir()
+    run_script("dt_grpo.py", *TOY, cwd=tmp_path / "grpo", env=data_env)
+    evals = [r["eval/return_mean"] for r in read_metrics(only_run_dir(tmp_path / "grpo")) if "eval/return_mean" in r]
     assert evals[0] < 0.5  # after pretraining: on a foot of the reward
     assert evals[-1] >= 0.9, evals
+    run_script("odt.py", *TOY, "--min-steps-per-round", "64", "--updates-per-round", "50", cwd=tmp_path / "odt",
+               env=data_env)
+    evals = [r["eval/return_mean"] for r in read_metrics(only_run_dir(tmp_path / "odt")) if "eval/return_mean" in r]
+    assert max(evals) <= 0.6, evals
 
 
 @pytest.mark.slow

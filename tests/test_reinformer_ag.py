@@ -397,41 +397,15 @@ def test_nan_loss_stops_with_message(tiny_hopper, tmp_path):
 
 
 # --- the AG toy (AG §3.1, Figure 2): one state, r(a) = 1 − a², no data with |a| < 0.5 ---------------------
-TOY = ["--env-id", "toy-ag-v0", "--seed", "1", "--embed-dim", "16", "--n-layers", "1", "--n-heads", "1",
-       "--critic-hidden", "64", "--batch-size", "64", "--pretrain-updates", "500", "--learning-rate", "3e-3",
-       "--critic-lr", "3e-3", "--critic-updates", "3", "--eval-interval", "500", "--log-interval", "250",
-       "--eval-episodes", "1", "--no-progress"]
-
-
-def asymmetric_toy_actions(env_id, seed=0):
-    """|a| ≥ 0.5 as in the paper, but the best data actions (|a| ≈ 0.5) are all positive: a Gaussian policy
-    cannot average two symmetric modes onto the optimum a = 0 (see the notes: with common/toys.py's symmetric
-    data, plain Reinformer already outputs a ≈ 0)."""
-    rng = np.random.default_rng(seed)
-    return np.r_[rng.uniform(0.5, 1.0, 64), -rng.uniform(0.8, 1.0, 64)].astype(np.float32)[:, None]
+TOY = ["--env-id", "toy-ag-v0", "--seed", "1", "--embed-dim", "32", "--n-layers", "1", "--n-heads", "1",
+       "--batch-size", "64", "--eval-interval", "5000", "--eval-episodes", "1", "--no-progress"]
+# the toy's own defaults otherwise: 1500 updates, lr 1e-3, critic 256-256, AG n = 10, η = 0.3.
+# Seeds 1 / 2 / 3 measured RF 0.56 / 0.53 / 0.55 and RF+AG 1.00 / 0.98 / 1.00.
 
 
 @pytest.mark.slow
-def test_toy_ag_through_the_cli(tmp_path):
+def test_toy_ag_rf_stays_in_the_data_ag_leaves_it(tmp_path):
     run_script("reinformer_ag.py", *TOY, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     final = [r for r in read_metrics(only_run_dir(tmp_path)) if r["phase"] == "final"][0]
-    assert final["eval/return_mean"] >= 0.95  # AG finds the optimum the data does not contain
-    assert final["eval/return_mean"] >= final["eval_rf/return_mean"] - 1e-3  # never worse than a⁰ here
-
-
-@pytest.mark.slow
-def test_toy_ag_rf_stays_in_the_data_ag_leaves_it(tmp_path, monkeypatch):
-    import common.datasets
-
-    monkeypatch.setattr(common.datasets, "toy_offline_actions", asymmetric_toy_actions)
-    monkeypatch.chdir(tmp_path)
-    args = tyro_args(TOY)
-    summary = rf.main(args)
-    assert summary["eval_rf/return_mean"] <= 0.8  # token prediction picks a data action near |a| = 0.5
-    assert summary["eval/return_mean"] >= 0.95  # AG climbs the critic out of the data
-
-
-def tyro_args(argv):
-    import tyro
-
-    return tyro.cli(rf.Args, args=argv)
+    assert final["eval_rf/return_mean"] <= 0.8  # token prediction stays at a data action near a = 0.5
+    assert final["eval/return_mean"] >= 0.95  # AG climbs the critic out of the data to the optimum a = 0
