@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,29 @@ def run_script(script: str, *args: str, cwd: Path, env: dict[str, str], timeout:
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
+
+
+def has_checkpoint(runs: Path) -> bool:
+    return any(runs.glob("*/checkpoint.pt"))
+
+
+def run_and_interrupt(script: str, *args: str, cwd: Path, env: dict[str, str],
+                      ready: Callable[[Path], bool] = has_checkpoint, timeout: float = 240) -> str:
+    """Start `python <repo>/<script> args...` in `cwd`, press Ctrl-C (SIGINT) once `ready(cwd / "runs")`,
+    check that the script exits 0 after checkpointing and return its stdout."""
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not ready(cwd / "runs"):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"{script} never reached the point to interrupt:\n{out[-2000:]}\n{err[-3000:]}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return out
 
 
 def only_run_dir(cwd: Path) -> Path:

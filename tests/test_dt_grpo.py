@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -17,7 +12,7 @@ import pytest
 import torch
 
 import dt_grpo
-from conftest import REPO, TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_script
+from conftest import TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_and_interrupt, run_script
 
 
 def tiny_model(state_dim=11, act_dim=3, dropout=0.1, seed=0):
@@ -263,17 +258,12 @@ def test_dt_grpo_end_to_end(tiny_hopper, tmp_path):
 @pytest.mark.slow
 def test_stop_in_online_phase_and_resume(tiny_hopper, tmp_path):
     args = [*E2E, "--online-steps", "1800", "--checkpoint-interval", "16"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "dt_grpo.py"), *args], cwd=tmp_path, text=True,
-                            env={**os.environ, **tiny_hopper}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, online = time.time() + 120, False
-    while time.time() < deadline and not online:
-        runs = list((tmp_path / "runs").glob("*/metrics.jsonl")) if (tmp_path / "runs").exists() else []
-        online = runs and '"phase": "online"' in runs[0].read_text()
-        time.sleep(0.1)
-    assert online, "no online round finished"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "--resume" in out, err
+
+    def online_round_done(runs) -> bool:
+        return any('"phase": "online"' in m.read_text() for m in runs.glob("*/metrics.jsonl"))
+
+    out = run_and_interrupt("dt_grpo.py", *args, cwd=tmp_path, env=tiny_hopper, ready=online_round_done, timeout=120)
+    assert "--resume" in out
     run_dir = only_run_dir(tmp_path)
     stopped = torch.load(run_dir / "checkpoint.pt", weights_only=False)["counters"]
     assert 0 < stopped["env_steps"] < 1800 and stopped["rounds"] >= 1

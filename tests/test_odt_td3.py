@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +12,7 @@ import torch
 
 import odt_td3
 from common.datasets import Episode
-from conftest import REPO, TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_script
+from conftest import TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_and_interrupt, run_script
 
 
 def episode(obs_start: float, rewards, terminal: bool, obs_dim=2, act_dim=1) -> Episode:
@@ -291,18 +286,7 @@ def test_odt_td3_end_to_end(tiny_hopper, tmp_path):
 @pytest.mark.slow
 def test_odt_td3_stop_and_resume_restores_critic(tiny_hopper, tmp_path):
     args = [*E2E, "--pretrain-updates", "400", "--checkpoint-interval", "25", "--online-steps", "30"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "odt_td3.py"), *args], cwd=tmp_path,
-                            env={**os.environ, **tiny_hopper}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 240
-    runs = []
-    while time.time() < deadline and not runs:
-        runs = list((tmp_path / "runs").glob("*/checkpoint.pt")) if (tmp_path / "runs").exists() else []
-        time.sleep(0.2)
-    assert runs, "no checkpoint appeared"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    out = run_and_interrupt("odt_td3.py", *args, cwd=tmp_path, env=tiny_hopper)
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     stopped_at = saved["counters"]["updates"]

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import torch
 
 import reinformer_ag as rf
 from common.datasets import Episode
-from conftest import REPO, TINY_HOPPER, only_run_dir, read_metrics, run_script
+from conftest import TINY_HOPPER, only_run_dir, read_metrics, run_and_interrupt, run_script
 
 
 def episode(rewards, obs_dim=3, act_dim=2, start=0.0) -> Episode:
@@ -351,18 +347,7 @@ def test_end_to_end_and_eval_only_sweep(tiny_hopper, tmp_path):
 def test_stop_and_resume_continues_counters(tiny_hopper, tmp_path):
     args = [*E2E, "--pretrain-updates", "200", "--eval-interval", "200", "--checkpoint-interval", "25",
             "--ag-steps", "0"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "reinformer_ag.py"), *args], cwd=tmp_path,
-                            env={**__import__("os").environ, **tiny_hopper}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    runs = []
-    while time.time() < deadline and not runs:
-        runs = list((tmp_path / "runs").glob("*/checkpoint.pt")) if (tmp_path / "runs").exists() else []
-        time.sleep(0.2)
-    assert runs, "no checkpoint appeared"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    out = run_and_interrupt("reinformer_ag.py", *args, cwd=tmp_path, env=tiny_hopper, timeout=120)
     assert "--resume" in out
     run_dir = only_run_dir(tmp_path)
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
