@@ -1094,7 +1094,7 @@ def main(args: Args) -> dict:
     n_members = args.groups_per_round * args.group_size
     minibatch = args.grpo_minibatch or n_members
     bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-               disable=not args.progress, unit="step", dynamic_ncols=True)
+               disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
     last_eval_step = counters["env_steps"] // args.eval_interval
     final, final_at = {}, -1
     while counters["env_steps"] < args.online_steps and not stop.requested:
