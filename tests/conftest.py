@@ -55,6 +55,19 @@ def run_script(script: str, *args: str, cwd: Path, env: dict[str, str], timeout:
     return result
 
 
+def run_and_read(script: str, *args: str, cwd: Path, env: dict[str, str]):
+    """Run a script to completion; return (its CompletedProcess, its run folder, its metrics rows)."""
+    result = run_script(script, *args, cwd=cwd, env=env)
+    run_dir = only_run_dir(cwd)
+    return result, run_dir, read_metrics(run_dir)
+
+
+def assert_clear_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    """Bad input ends with exit code 2 and one message on stderr that mentions `needle`, never a traceback."""
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def has_checkpoint(runs: Path) -> bool:
     return any(runs.glob("*/checkpoint.pt"))
 

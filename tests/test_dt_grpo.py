@@ -12,7 +12,16 @@ import pytest
 import torch
 
 import dt_grpo
-from conftest import TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_and_interrupt, run_script
+from conftest import (
+    TINY_HOPPER,
+    TINY_MODEL,
+    assert_clear_error,
+    only_run_dir,
+    read_metrics,
+    run_and_interrupt,
+    run_and_read,
+    run_script,
+)
 
 
 def tiny_model(state_dim=11, act_dim=3, dropout=0.1, seed=0):
@@ -224,9 +233,7 @@ E2E = [*TINY_HOPPER, *TINY_MODEL, "--pretrain-updates", "100", "--online-steps",
 
 @pytest.mark.slow
 def test_dt_grpo_end_to_end(tiny_hopper, tmp_path):
-    result = run_script("dt_grpo.py", *E2E, cwd=tmp_path, env=tiny_hopper)
-    run_dir = only_run_dir(tmp_path)
-    rows = read_metrics(run_dir)
+    result, run_dir, rows = run_and_read("dt_grpo.py", *E2E, cwd=tmp_path, env=tiny_hopper)
     pre = [r for r in rows if r["phase"] == "pretrain" and "train/nll" in r]
     online = [r for r in rows if r["phase"] == "online"]
     assert len(pre) == 4 and online, rows
@@ -304,5 +311,4 @@ def test_toy_pure_rl_gradients_reach_the_hidden_peak_odt_does_not(tmp_path, data
 def test_bad_input_gives_one_clear_message(tiny_hopper, tmp_path, extra, needle):
     result = run_script("dt_grpo.py", *extra, "--generate-steps", "4000", "--no-progress", cwd=tmp_path,
                         env=tiny_hopper, check=False)
-    assert result.returncode == 2, result.stderr
-    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert_clear_error(result, needle)

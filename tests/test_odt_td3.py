@@ -12,7 +12,16 @@ import torch
 
 import odt_td3
 from common.datasets import Episode
-from conftest import TINY_HOPPER, TINY_MODEL, only_run_dir, read_metrics, run_and_interrupt, run_script
+from conftest import (
+    TINY_HOPPER,
+    TINY_MODEL,
+    assert_clear_error,
+    only_run_dir,
+    read_metrics,
+    run_and_interrupt,
+    run_and_read,
+    run_script,
+)
 
 
 def episode(obs_start: float, rewards, terminal: bool, obs_dim=2, act_dim=1) -> Episode:
@@ -260,9 +269,7 @@ E2E = [*TINY_HOPPER, *TINY_MODEL, "--pretrain-updates", "150", "--online-steps",
 
 @pytest.mark.slow
 def test_odt_td3_end_to_end(tiny_hopper, tmp_path):
-    result = run_script("odt_td3.py", *E2E, cwd=tmp_path, env=tiny_hopper)
-    run_dir = only_run_dir(tmp_path)
-    rows = read_metrics(run_dir)
+    result, run_dir, rows = run_and_read("odt_td3.py", *E2E, cwd=tmp_path, env=tiny_hopper)
     pre = [r for r in rows if r["phase"] == "pretrain" and "train/critic_loss" in r]
     online = [r for r in rows if r["phase"] == "online"]
     assert len(pre) == 6 and online, rows
@@ -311,5 +318,4 @@ def test_odt_td3_stop_and_resume_restores_critic(tiny_hopper, tmp_path):
 ])
 def test_bad_input_gives_one_clear_message(tiny_hopper, tmp_path, extra, needle):
     result = run_script("odt_td3.py", *extra, "--no-progress", cwd=tmp_path, env=tiny_hopper, check=False)
-    assert result.returncode == 2
-    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert_clear_error(result, needle)
