@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from common.datasets import Episode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,15 @@ def tiny_hopper(data_env) -> dict[str, str]:
                             cwd=REPO, env={**os.environ, **data_env}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return data_env
+
+
+def episode(rewards, obs_dim=3, act_dim=2, start=0.0) -> Episode:
+    """A terminal-ended episode with observations start, start+1, ... in every dimension and actions 0.5."""
+    n = len(rewards)
+    obs = (start + np.arange(n, dtype=np.float32))[:, None].repeat(obs_dim, 1)
+    return Episode(observations=obs, actions=np.full((n, act_dim), 0.5, np.float32),
+                   rewards=np.asarray(rewards, np.float32), terminals=np.eye(n, dtype=bool)[-1],
+                   truncations=np.zeros(n, bool), next_observations=obs + 1)
 
 
 def run_script(script: str, *args: str, cwd: Path, env: dict[str, str], timeout: float = 600,

@@ -10,25 +10,17 @@ import pytest
 import torch
 
 import odt
-from common.datasets import Episode
 from conftest import (
     TINY_HOPPER,
     TINY_MODEL,
     assert_clear_error,
+    episode,
     only_run_dir,
     read_metrics,
     run_and_interrupt,
     run_and_read,
     run_script,
 )
-
-
-def episode(rewards, obs_dim=3, act_dim=2, start=0.0) -> Episode:
-    n = len(rewards)
-    obs = (start + np.arange(n, dtype=np.float32))[:, None].repeat(obs_dim, 1)
-    return Episode(observations=obs, actions=np.full((n, act_dim), 0.5, np.float32),
-                   rewards=np.asarray(rewards, np.float32), terminals=np.eye(n, dtype=bool)[-1],
-                   truncations=np.zeros(n, bool), next_observations=obs + 1)
 
 
 def make_replay(capacity=10, rtg_scale=1.0):
