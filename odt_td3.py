@@ -201,10 +201,11 @@ DATASET_DEFAULTS: dict[str, dict] = {
                     g_online=-100, gamma=0.998, alpha_pretrain=0.1, use_timestep_embedding=True),
     "antmaze-umaze-diverse": dict(embed_dim=1024),
     "maze2d": dict(SPARSE),
-    # Single-state, single-step toys (algorithms.md §2/§3): condition on the best return r = 1. Rewards in
+    # One-step datasets (the toys of ODT+TD3 §3.1 and AG §3.1, under any id); return scale and targets
+    # come from the data (one_step_defaults). Rewards in
     # [−1, 1] make |Q| ≈ 0.1, ~1000× smaller than in MuJoCo; α = 1 keeps the RL term comparable.
-    "toy": dict(pretrain_updates=1000, context_len=1, eval_context_len=1, rtg_scale=1.0, g_eval=1.0,
-                g_online=1.0, buffer_size=1000, alpha_online=1.0),
+    "one-step": dict(pretrain_updates=1000, context_len=1, eval_context_len=1, buffer_size=1000,
+                     alpha_online=1.0),
 }
 COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
                        learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
@@ -212,11 +213,23 @@ COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretra
                        policy_interval=2, critic_lr=1e-3, critic_layer_norm=False, reward_shift=0.0)
 
 
+def one_step_defaults(data: OfflineData) -> dict:
+    """Return scale and target return of a one-step dataset (every episode a single step, such as the papers'
+    toys under any id), derived from its data: RTG tokens scaled so that |R| ≤ 1, and the target is the best
+    reachable return where the env states one (its reference max score), else the best return in the data."""
+    returns = np.array([float(e.rewards.sum()) for e in data.episodes])
+    best = float(data.ref_max_score) if data.ref_max_score is not None else float(returns.max())
+    return dict(rtg_scale=1.0 / max(float(np.abs(returns).max()), abs(best), 1e-8), g_eval=best, g_online=best)
+
+
 def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     """Fill every field left at None from the per-dataset table; explicit flags always win."""
-    family = "toy" if data.family.startswith("toy") else data.family
+    one_step = bool(data.episodes) and all(len(e.rewards) == 1 for e in data.episodes)
+    family = "one-step" if one_step else data.family
     table = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(family, {}),
              **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {})}
+    if one_step:  # data-derived return scale and targets (one_step_defaults)
+        table.update({k: v for k, v in one_step_defaults(data).items() if hasattr(args, k)})
     if "g_eval" not in table and data.ref_max_score is not None:
         # Unknown family: condition on the expert return, explore with twice that (ODT paper App. D).
         table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
@@ -297,7 +310,13 @@ class DecisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(embed_dim)
         self.mu_head = nn.Linear(embed_dim, act_dim)
-        self.apply(self._init_weights)
+        # GPT-2 init (N(0, 0.02) weights, zero biases) inside the blocks only. The token embeddings keep
+        # PyTorch's default init, as in the ODT reference: with a zero bias LayerNorm(W·x) = LayerNorm(W·cx) for
+        # every c > 0, so the return token would carry only the sign of R and every state would lose its norm.
+        self.blocks.apply(self._init_weights)
+        for head in (self.mu_head,):  # orthogonal weights, zero bias (ODT reference's head)
+            nn.init.orthogonal_(head.weight)
+            nn.init.zeros_(head.bias)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -352,35 +371,61 @@ def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
         t.lerp_(p, tau)
 
 
-# ALGO LOGIC: LAMB optimiser (You et al., 2019; ODT App. C)
-class Lamb(torch.optim.Optimizer):
-    """Adam moments + decoupled weight decay, scaled per tensor by the trust ratio ‖w‖ / ‖update‖."""
+# ALGO LOGIC: LAMB optimiser (You et al., 2019, arXiv 1904.00962, Alg. 2; ODT App. C)
+def lamb_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices get weight decay and the trust ratio; vectors (biases, LayerNorm gains, a learned log-std)
+    get neither and take plain Adam steps, as in LAMB's BERT recipe (You et al., 2019, §4). Under the trust
+    ratio ‖w‖/‖update‖ a tensor that starts at zero moves by lr·‖w‖ per step, i.e. it stays near zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+class Lamb(torch.optim.Optimizer):
+    """Bias-corrected Adam moments of the gradient (global norm clipped at `max_grad_norm`), decoupled weight
+    decay, and in groups with weight decay ≠ 0 the per-tensor trust ratio ‖w‖ / ‖update‖ (1 where either
+    norm is 0). One multi-tensor (torch._foreach_*) pass per group: no Python loop over parameters."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 max_grad_norm: float = 1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      max_grad_norm=max_grad_norm))
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        grads = [p.grad for _, params in groups for p in params]
+        if not grads:
+            return
+        global_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        clip = (global_norm / self.defaults["max_grad_norm"]).clamp(min=1.0)
+        for group, params in groups:
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            group["step"] = group.get("step", 0) + 1
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat = m / (1 - beta1 ** state["step"])
-                v_hat = v / (1 - beta2 ** state["step"])
-                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
-                w_norm, u_norm = p.norm().clamp(max=10.0), update.norm()
+            grads = torch._foreach_div([p.grad for p in params], clip)
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(1 - beta2 ** group["step"]))
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(m, 1 - beta1 ** group["step"])
+            torch._foreach_div_(update, denom)
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))
+                u_norm = torch.stack(torch._foreach_norm(update))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_(update * trust, alpha=-group["lr"])
+                torch._foreach_mul_(update, list(trust.unbind()))
+            torch._foreach_add_(params, update, alpha=-group["lr"])
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -753,7 +798,7 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: model, optimisers, replay
     model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
                                 args.dropout, max_ep_len, args.use_timestep_embedding).to(device)
-    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     model_target = copy.deepcopy(model).requires_grad_(False).eval()  # Polyak copy of the whole transformer
     critic = Critic(data.obs_dim, data.act_dim, args.critic_hidden, args.critic_layer_norm).to(device)
