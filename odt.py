@@ -1,7 +1,7 @@
 """Online Decision Transformer (ODT).
 
 Paper: Q. Zheng, A. Zhang, A. Grover, "Online Decision Transformer", ICML 2022, arXiv 2202.05607
-(`../shared/papers/001_…`). Offline pretraining of a return-conditioned, stochastic decision
+(§4, Alg. 1-2, App. C). Offline pretraining of a return-conditioned, stochastic decision
 transformer, then online finetuning: roll out one episode with sampled actions conditioned on a high
 target return g_online, store it in a trajectory-level FIFO replay with its *achieved* returns-to-go
 (hindsight relabeling, Alg. 2), and take 300 gradient steps on the max-entropy sequence-modeling
@@ -17,15 +17,22 @@ multiplied by `rtg_scale` (0.001 locomotion, 1 AntMaze) and always recomputed fr
 (hindsight relabeling): online trajectories are trained on what they achieved.
 
 Deliberate differences from the reference implementation (github.com/facebookresearch/online-dt):
+- The transformer is a compact pre-LayerNorm GPT (ReLU MLP, dropout 0.1, fused scaled-dot-product
+  attention) instead of a HuggingFace GPT-2, initialised as the reference: N(0, 0.02) weights and zero
+  biases inside the blocks, PyTorch's default init for the return/state/action embeddings, orthogonal
+  action heads with zero bias. The embeddings' non-zero biases matter: LayerNorm(W·x) = LayerNorm(W·cx)
+  for c > 0, so zero-bias embeddings pass only the sign of R and lose every state's norm. No extra
+  state/return prediction heads (their loss weight is 0 in the reference).
+- LAMB (You et al., 2019, arXiv 1904.00962) is the reference's rule: bias-corrected Adam moments, a global
+  grad-norm clip at 1.0 inside the optimiser (a no-op after the 0.25 clip, in both), decoupled weight
+  decay, trust ratio ‖w‖/‖update‖ only where weight decay ≠ 0 (AntMaze's 0 gives Adam, in both). One
+  change: vectors (biases, LayerNorm gains) sit in a group without weight decay, hence without trust
+  ratio (LAMB's BERT recipe); the reference passes all tensors in one group, where a zero-initialised
+  tensor moves by lr·‖w‖ per step after its first step, i.e. stays near zero all run.
 - The entropy term averages over valid (non-padded) positions only; the reference also averages over
   padding. The NLL is masked in both.
 - log λ (the entropy temperature) and its optimiser are saved in checkpoints (the reference forgets
   it), together with the replay buffer and RNG state, so a stopped run resumes without losing progress.
-- LAMB uses Adam's bias correction (as in You et al., 2019, Alg. 2) and clamps ‖w‖ at 10 in the trust
-  ratio; the reference uses torch-optimizer's Lamb without bias correction. Written here in ~25 lines.
-- The transformer is a compact pre-LayerNorm GPT (ReLU MLP, dropout 0.1, N(0, 0.02) init, fused
-  scaled-dot-product attention) instead of a HuggingFace GPT-2; no extra state/return prediction heads
-  (their loss weight is 0 in the reference).
 - Evaluation runs all episodes in a synchronous vector env with fixed seeds; each online episode is
   reset with a seed derived from the round counter, so resumed runs see the same episodes.
 - Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium

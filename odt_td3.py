@@ -1,8 +1,8 @@
 """Online Decision Transformer + TD3 gradients ("RL gradients as vitamin").
 
 Paper: K. Yan, A. G. Schwing, Y.-X. Wang, "Reinforcement Learning Gradients as Vitamin for Online
-Finetuning Decision Transformers", NeurIPS 2024, arXiv 2410.24108 (`../shared/papers/000_…`; details in
-../shared/specs/algorithms.md §2). ODT (Zheng et al., ICML 2022) cannot improve in local action space
+Finetuning Decision Transformers", NeurIPS 2024, arXiv 2410.24108 (§3-4, App. H, Table 9).
+ODT (Zheng et al., ICML 2022) cannot improve in local action space
 when pretrained on low-return data: it only has ∂a/∂RTG, while improvement needs ∂RTG/∂a. This script
 is odt.py with (i) a deterministic tanh action head trained by masked MSE (no Gaussian, no entropy),
 (ii) a twin-Q MLP critic on (state, action) trained by TD3 on every valid window position, and (iii) a
@@ -36,7 +36,8 @@ Deliberate differences from the authors' reference implementation (built on the 
   interval 2, so the actor gets as much supervised pretraining as in odt.py.
 - The toys default to α_online = 1 (MuJoCo: 0.1): their Q values are ~1000× smaller (rewards in [−1, 1]).
 - Critic optimiser: AdamW with torch's default weight decay 0.01; no gradient clipping (TD3).
-- Everything odt.py lists that still applies: LAMB with bias correction, compact pre-LN GPT, fixed
+- Everything odt.py lists that still applies: LAMB as the ODT reference runs it (vectors without
+  weight decay or trust ratio), compact pre-LN GPT with the reference's initialisation, fixed
   evaluation seeds, Gymnasium MuJoCo v5 data, and checkpoints that resume everything (actor, critic,
   both targets, both optimisers, LR schedule, replay, RNG, counters).
 """
@@ -180,7 +181,7 @@ class Args:
     off on hardware without native bf16)"""
 
 
-# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT+TD3 paper Table 9 (algorithms.md §2);
+# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT+TD3 paper Table 9;
 # what Table 9 does not list (AntMaze actor lr/wd, RTG scale, timestep embedding) keeps ODT's Table C.4 value.
 SPARSE = dict(critic_lr=2e-4, critic_layer_norm=True, policy_interval=1, min_steps_per_round=1000)  # non-MuJoCo
 ADROIT = dict(SPARSE, context_len=5, eval_context_len=1, learning_rate=1e-4, weight_decay=1e-4,
@@ -233,7 +234,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     if "g_eval" not in table and data.ref_max_score is not None:
         # Unknown family: condition on the expert return, explore with twice that (ODT paper App. D).
         table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
-    if data.dataset_kind == "random":  # random data: collect ≥ 1000 new transitions per round (algorithms.md §2)
+    if data.dataset_kind == "random":  # random data: collect ≥ 1000 new transitions per round (paper App. H)
         table.setdefault("min_steps_per_round", 1000)
     for key, value in table.items():
         if getattr(args, key, None) is None:
@@ -558,7 +559,7 @@ def critic_targets(critic_target: Critic, model_target: DecisionTransformer, bat
 
 
 def critic_loss(critic: Critic, critic_target: Critic, model_target: DecisionTransformer, batch: dict, args):
-    """Σ_i mean_valid (Q_i(s_t, a_t) − y_t)² over every valid position of every window (algorithms.md §2)."""
+    """Σ_i mean_valid (Q_i(s_t, a_t) − y_t)² over every valid position of every window (paper §4)."""
     y = critic_targets(critic_target, model_target, batch, args)
     q1, q2 = critic(batch["states"], batch["actions"])
     valid = batch["valid"].float()

@@ -2,7 +2,7 @@
 
 Papers: Z. Zhuang et al., "Reinformer: Max-Return Sequence Modeling for Offline RL", ICML 2024, arXiv 2405.08740
 (the base model), and R. Lin et al., "Adjusting the Output of Decision Transformer with Action Gradient",
-arXiv 2510.05285 (`../shared/papers/002_…`, AG). Offline only: train Reinformer, a decision transformer over
+arXiv 2510.05285 (AG). Offline only: train Reinformer, a decision transformer over
 (s_t, R_t, a_t) tokens that predicts the return-to-go from the state token with an expectile ("max-return")
 loss and the action from the RTG token with a Gaussian NLL + entropy, and, in the same run, an IQL critic on the
 same offline data (AG §3.3). At evaluation Reinformer predicts R̂_t, writes it into the RTG slot and reads the
@@ -25,8 +25,12 @@ Deliberate differences from the reference implementations (github.com/Dragon-Zhu
 - The shared `Args` block has no online fields (`online_steps`, `updates_per_round`, `min_steps_per_round`):
   there is no online phase. `pretrain_updates` is the number of offline updates; `eval_interval` counts updates.
 - Blocks are post-LayerNorm with a GELU MLP as in the Reinformer reference (not odt.py's pre-LN/ReLU), with
-  fused scaled-dot-product attention and N(0, 0.02) init. Windows are right-padded, so the causal mask alone
-  keeps padding out of every valid token (no padding mask is needed in training; padding is out of every loss).
+  fused scaled-dot-product attention; N(0, 0.02) init inside the blocks only, PyTorch's default init for
+  the embeddings and heads (zero-bias embeddings would pass LayerNorm only the sign of R and lose the norm
+  of s). LAMB keeps vectors (biases, LayerNorm, the learned log-std) out of weight decay and the trust
+  ratio: under the trust ratio the zero-initialised log-std would stay at ≈ 0 all run. Windows are
+  right-padded, so the causal mask alone keeps padding out of every valid token (no padding mask is needed
+  in training; padding is out of every loss).
 - The max-return residual is normalised by mean |R| over valid tokens only, and the NLL is averaged over valid
   tokens only. The entropy of the state-independent Normal is in closed form (the same at every position).
 - The critic is IQL (twin Q + V, expectile 0.7, γ 0.99, Polyak 0.005 target Qs, Adam 3e-4, MLP 256-256) trained
