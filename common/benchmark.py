@@ -1,0 +1,680 @@
+"""Run a sweep (scripts × env ids × seeds × named flag variants) locally or on Slurm, skipping finished runs
+and resuming stopped ones, so the same command can be re-issued until the sweep is complete.
+
+    python -m common.benchmark benchmarks/toys.toml --workers 2 --threads-per-run 1      # local processes
+    python -m common.benchmark benchmarks/toys.toml --dry-run                            # what would run
+    python -m common.benchmark benchmarks/toys.toml --status                             # done / stopped / ...
+    python -m common.benchmark benchmarks/hopper_random_cpu.toml --backend slurm \\
+        --partition gpu --time 24:00:00 --cpus-per-task 4 --mem 16 --gpus 1               # one Slurm array job
+    python -m common.report results/toys                                                 # tables and plots
+
+A sweep file (TOML) names the runs; every run is `python <script> --env-id E --seed S --exp-name VARIANT
+<sweep flags> <experiment flags> <variant flags>` (later flags win), started with the results folder as its
+working directory, so its run folder is `RESULTS/runs/{env_id}__{variant}__{seed}__{unix time}/`:
+
+    seeds = [1, 2, 3, 4, 5]
+    flags = "--no-progress"                       # shared by every run
+    [experiments.td3]                             # experiments group variants that are compared with each other
+    env_ids = ["hopper-random-v2"]
+    flags = "--embed-dim 128 --online-steps 10000"
+    [experiments.td3.variants]                    # variant name = --exp-name = run folder; unique in the file
+    odt_td3 = "odt_td3.py"
+    odt_td3_alpha0 = "odt_td3.py --alpha-online 0"
+
+The state of a (env, variant, seed) cell is read from its run folders: `summary.json` → done (skipped); a
+`checkpoint.pt` → stopped (continued with `--resume <folder>`); a folder with neither → removed and started
+fresh. Exit statuses of a script: 0 finished, 3 stopped by SIGTERM/SIGINT after checkpointing (resumable),
+2 configuration error, anything else a crash. Local runs write `RESULTS/logs/<cell>.log`; a failed cell also
+leaves `RESULTS/logs/<cell>.failed` (exit status and the log's tail) until it is started again.
+
+On Slurm (through submitit) all pending cells go out as one array job. Slurm sends USR2 `--signal-delay`
+seconds before the time limit; the task then sends SIGTERM to the script, which checkpoints and exits 3 within
+seconds, and submitit requeues the task, which continues the run with `--resume`. Preemption by Slurm itself
+(SIGTERM to every process of the job) reaches the script directly; a requeued task resumes the same way.
+`--backend submitit-local` runs the same code path with submitit's local executor (used by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+STOPPED_EXIT = 3  # the scripts' exit status after a SIGTERM/SIGINT checkpoint: resumable
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+STALE_AFTER_S = 15 * 60  # a "running" marker from another node whose run wrote nothing for this long is stale
+STATES = ("done", "running", "failed", "stopped", "started", "pending")
+
+
+class SweepError(Exception):
+    """A problem with the sweep file or the command line, reported as one paragraph without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sweep file → grid of runs
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: a script, its flags, and the (env_id, variant, seed) that name its run folder."""
+
+    experiment: str
+    variant: str
+    script: str
+    env_id: str
+    seed: int
+    flags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The run-folder prefix the scripts use: env id with '/' replaced by '-', exp name, seed."""
+        return f"{self.env_id.replace('/', '-')}__{self.variant}__{self.seed}"
+
+    def command(self, python: str = sys.executable, scripts_dir: Path = REPO) -> list[str]:
+        return [python, str(scripts_dir / self.script), "--env-id", self.env_id, "--seed", str(self.seed),
+                "--exp-name", self.variant, *self.flags]
+
+    def resume_command(self, folder: Path, python: str = sys.executable, scripts_dir: Path = REPO) -> list[str]:
+        return [python, str(scripts_dir / self.script), "--resume", str(folder)]
+
+
+@dataclass
+class Sweep:
+    path: Path
+    runs: list[Run]
+    experiments: dict[str, dict] = field(default_factory=dict)
+
+
+def _split(flags, where: str) -> list[str]:
+    if isinstance(flags, list) and all(isinstance(f, str) for f in flags):
+        return list(flags)
+    if isinstance(flags, str):
+        return shlex.split(flags)
+    raise SweepError(f"{where}: flags must be a string (\"--a 1 --b 2\") or a list of strings, got {flags!r}.")
+
+
+def _seeds(value, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value):
+        raise SweepError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds = [1, 2, 3], got {value!r}.")
+    if len(set(value)) != len(value):
+        raise SweepError(f"{where}: seeds {value} has duplicates.")
+    return value
+
+
+def load_sweep(path: str | Path, scripts_dir: Path = REPO) -> Sweep:
+    """Parse a sweep file and expand it into its grid, seeds outermost (so early seeds of every variant finish
+    first and a half-done sweep is already comparable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} does not exist. Sweep files live in benchmarks/ (e.g. "
+                         f"benchmarks/toys.toml); see `python -m common.benchmark --help` for the format.")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SweepError(f"sweep file {path} is not valid TOML: {exc}.") from exc
+    unknown = set(spec) - {"seeds", "flags", "experiments", "title", "description"}
+    if unknown:
+        raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: seeds, flags, experiments, "
+                         f"title, description.")
+    experiments = spec.get("experiments")
+    if not isinstance(experiments, dict) or not experiments:
+        raise SweepError(f"{path}: no [experiments.NAME] table. Each experiment needs env_ids and a "
+                         f"[experiments.NAME.variants] table of name = \"script.py --flags\".")
+    top_flags = _split(spec.get("flags", []), f"{path}: flags")
+    runs: list[tuple[int, Run]] = []
+    seen_variants: dict[str, str] = {}
+    for exp_name, exp in experiments.items():
+        where = f"{path}: [experiments.{exp_name}]"
+        if not isinstance(exp, dict):
+            raise SweepError(f"{where} must be a table.")
+        unknown = set(exp) - {"env_ids", "seeds", "flags", "variants", "title", "description"}
+        if unknown:
+            raise SweepError(f"{where}: unknown keys {sorted(unknown)}; allowed: env_ids, seeds, flags, variants, "
+                             f"title, description.")
+        env_ids = exp.get("env_ids")
+        if not isinstance(env_ids, list) or not env_ids or not all(isinstance(e, str) and e for e in env_ids):
+            raise SweepError(f"{where}: env_ids must be a non-empty list of dataset names, e.g. "
+                             f"env_ids = [\"hopper-random-v2\"].")
+        seeds = _seeds(exp.get("seeds", spec.get("seeds")), where)
+        exp_flags = _split(exp.get("flags", []), f"{where} flags")
+        variants = exp.get("variants")
+        if not isinstance(variants, dict) or not variants:
+            raise SweepError(f"{where}: needs a variants table: [experiments.{exp_name}.variants] with lines "
+                             f"like odt_td3_alpha0 = \"odt_td3.py --alpha-online 0\".")
+        for variant, line in variants.items():
+            if not NAME.match(variant) or "__" in variant:
+                raise SweepError(f"{where}: variant name {variant!r} must be letters, digits, '_', '-', '.' "
+                                 f"without '__' (it becomes --exp-name and part of the run folder name).")
+            if variant in seen_variants:
+                raise SweepError(f"{where}: variant {variant!r} is also defined in [experiments."
+                                 f"{seen_variants[variant]}]; variant names must be unique in a sweep file "
+                                 f"because they name the run folders.")
+            seen_variants[variant] = exp_name
+            words = _split(line, f"{where} variant {variant}")
+            if not words or not words[0].endswith(".py"):
+                raise SweepError(f"{where}: variant {variant} = {line!r} must start with a script, e.g. "
+                                 f"\"odt_td3.py --alpha-online 0\".")
+            script, variant_flags = words[0], words[1:]
+            if not (scripts_dir / script).is_file():
+                raise SweepError(f"{where}: variant {variant}: script {script} not found in {scripts_dir}.")
+            reserved = {"--env-id", "--seed", "--exp-name", "--resume"} & {
+                f.split("=")[0] for f in top_flags + exp_flags + variant_flags}
+            if reserved:
+                raise SweepError(f"{where}: variant {variant}: {sorted(reserved)} are set by the sweep (env_ids, "
+                                 f"seeds, the variant name); remove them from the flags.")
+            for env_id in env_ids:
+                for seed in seeds:
+                    runs.append((seed, Run(exp_name, variant, script, env_id, seed,
+                                           tuple(top_flags + exp_flags + variant_flags))))
+    order = {s: i for i, s in enumerate(dict.fromkeys(s for s, _ in runs))}
+    runs.sort(key=lambda sr: order[sr[0]])  # stable: seed first, then the file's order
+    return Sweep(path, [r for _, r in runs], experiments)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the state of a cell, read from disk
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class CellState:
+    state: str  # one of STATES
+    folder: Path | None = None  # the finished run, or the one to resume
+    stale: list[Path] = field(default_factory=list)  # folders with no checkpoint: removed before a fresh start
+    detail: str = ""
+
+
+def _folders(results: Path, run: Run) -> list[Path]:
+    found = [p for p in (results / "runs").glob(f"{run.name}__*") if p.is_dir()]
+    stamp = lambda p: int(p.name.rsplit("__", 1)[-1]) if p.name.rsplit("__", 1)[-1].isdigit() else 0
+    return sorted(found, key=lambda p: (stamp(p), p.name))  # oldest first
+
+
+def _marker(results: Path, run: Run, kind: str) -> Path:
+    return results / "logs" / f"{run.name}.{kind}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cell_state(results: Path, run: Run) -> CellState:
+    """done (a summary.json), running (a live process of this sweep owns it), failed (the last attempt crashed),
+    stopped (a checkpoint to resume), started (a folder without checkpoint: a run that died early), pending."""
+    folders = _folders(results, run)
+    finished = [f for f in folders if (f / "summary.json").is_file()]
+    if finished:
+        return CellState("done", finished[-1])
+    running = _marker(results, run, "running")
+    if running.is_file():
+        host, _, pid = running.read_text().strip().partition(":")
+        if host == os.uname().nodename:
+            alive = pid.isdigit() and _pid_alive(int(pid))
+        else:  # another node: trust the marker while the run's log or metrics keep changing
+            touched = [p.stat().st_mtime for p in [_marker(results, run, "log"), running]
+                       + [f / "metrics.jsonl" for f in folders] if p.is_file()]
+            alive = time.time() - max(touched) < STALE_AFTER_S
+        if alive:
+            return CellState("running", folders[-1] if folders else None, detail=f"{host}:{pid}")
+    resumable = [f for f in folders if (f / "checkpoint.pt").is_file()]
+    stale = [f for f in folders if f not in resumable]
+    failed = _marker(results, run, "failed")
+    if failed.is_file():
+        lines = failed.read_text().strip().splitlines()
+        return CellState("failed", resumable[-1] if resumable else None, stale, lines[0] if lines else "")
+    if resumable:
+        return CellState("stopped", resumable[-1], stale)
+    if stale:
+        return CellState("started", None, stale)
+    return CellState("pending")
+
+
+def prepare(results: Path, run: Run, python: str = sys.executable, scripts_dir: Path = REPO) -> list[str] | None:
+    """Decide what to do with a cell: None if done, else the command (fresh or --resume); removes run folders
+    that have no checkpoint (nothing in them can be continued) and the previous failure marker."""
+    st = cell_state(results, run)
+    if st.state == "done":
+        return None
+    for folder in st.stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    _marker(results, run, "failed").unlink(missing_ok=True)
+    if st.folder is not None:
+        return run.resume_command(st.folder.relative_to(results), python, scripts_dir)
+    return run.command(python, scripts_dir)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _ignore_usr2() -> None:
+    # Slurm's --signal (USR2 before the time limit) goes to every process of the job step; an ignored signal
+    # stays ignored across exec, so the script is not killed by it: the task stops it with SIGTERM instead.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def launch(results: Path, run: Run, cmd: list[str], threads: int) -> subprocess.Popen:
+    logs = results / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = open(logs / f"{run.name}.log", "a")  # noqa: SIM115 — closed when the process is reaped
+    log.write(f"\n$ {shlex.join(cmd)}   # cwd {results}, {threads} thread(s), {time.strftime('%F %T')}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=results, env=child_env(threads), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_ignore_usr2)
+    proc.log = log  # type: ignore[attr-defined]
+    _marker(results, run, "running").write_text(f"{os.uname().nodename}:{proc.pid}")
+    return proc
+
+
+def finish(results: Path, run: Run, returncode: int) -> str:
+    """Record how a process ended: done, stopped (exit 3, resumable) or failed (marker with the log's tail)."""
+    _marker(results, run, "running").unlink(missing_ok=True)
+    if returncode == 0 and cell_state(results, run).state == "done":
+        return "done"
+    st = cell_state(results, run)
+    if returncode == STOPPED_EXIT or (returncode == 0 and st.state == "stopped"):  # exit 0: scripts before exit 3
+        return "stopped"
+    log = _marker(results, run, "log")
+    tail = log.read_text(errors="replace").strip().splitlines()[-15:] if log.is_file() else []
+    why = ("exited 0 without writing summary.json" if returncode == 0 else
+           "configuration error (exit 2)" if returncode == 2 else f"crashed (exit status {returncode})")
+    _marker(results, run, "failed").write_text(f"{why}\n" + "\n".join(tail) + "\n")
+    return "failed"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------------------
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def progress_line(counts: dict[str, int], elapsed: float, durations: list[float], workers: int) -> str:
+    """`[sweep] 3/10 done | 2 running, 1 failed, 4 pending | elapsed 5m00s | ETA 12m30s`; the ETA is the mean
+    wall time of the runs finished so far times the runs left, spread over the workers."""
+    done, running, failed, pending = (counts.get(k, 0) for k in ("done", "running", "failed", "pending"))
+    left = running + pending
+    if not left:
+        eta = "complete" if not failed else "finished with failures"
+    elif durations:
+        eta = "ETA " + _hms(sum(durations) / len(durations) * left / max(1, min(workers, left)))
+    else:
+        eta = "ETA after the first run finishes"
+    return (f"[sweep] {done}/{done + left + failed} done | {running} running, {failed} failed, {pending} pending | "
+            f"elapsed {_hms(elapsed)} | {eta}")
+
+
+def status_counts(results: Path, runs: list[Run]) -> dict[str, int]:
+    """done / running / failed / pending (pending includes stopped and started cells: they will be continued)."""
+    counts, _ = status_table(results, runs)
+    return {"done": counts["done"], "running": counts["running"], "failed": counts["failed"],
+            "pending": counts["pending"] + counts["stopped"] + counts["started"]}
+
+
+def status_table(results: Path, runs: list[Run]) -> tuple[dict[str, int], list[str]]:
+    counts = {s: 0 for s in STATES}
+    lines = []
+    for run in runs:
+        st = cell_state(results, run)
+        counts[st.state] += 1
+        where = f"  {st.folder.relative_to(results)}" if st.folder else ""
+        lines.append(f"  {st.state:8s} {run.name}{where}{'  ' + st.detail if st.detail else ''}")
+    return counts, lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# local backend
+# ---------------------------------------------------------------------------------------------------------
+def run_local(results: Path, runs: list[Run], workers: int, threads: int, python: str = sys.executable,
+              scripts_dir: Path = REPO, compact: bool = False, out=sys.stdout) -> int:
+    """Run every unfinished cell with `workers` processes of `threads` threads each. Ctrl-C / SIGTERM stops all
+    running scripts at their next safe point (they checkpoint and exit 3); re-issuing the command resumes them.
+    Returns 0 when every cell is done, 1 when some failed, 3 when stopped."""
+    todo = [r for r in runs if cell_state(results, r).state != "done"]
+    counts = {"done": len(runs) - len(todo), "running": 0, "failed": 0, "pending": len(todo)}
+    print(f"[sweep] {len(runs)} runs, {counts['done']} already done, {len(todo)} to run with {workers} worker(s) "
+          f"x {threads} thread(s); logs in {results / 'logs'}", file=out, flush=True)
+    stop = {"requested": False}
+
+    def on_signal(signum, frame):
+        if stop["requested"]:
+            return
+        stop["requested"] = True
+        print(f"\n[sweep] {signal.Signals(signum).name}: stopping {len(active)} running script(s); they "
+              f"checkpoint and exit. Re-issue the same command to resume.", file=out, flush=True)
+        for proc, _, _ in active.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    active: dict[int, tuple[subprocess.Popen, Run, float]] = {}
+    durations: list[float] = []
+    failed: list[Run] = []
+    start, last_print = time.time(), 0.0
+    queue = list(todo)
+    try:
+        while queue or active:
+            while queue and len(active) < workers and not stop["requested"]:
+                run = queue.pop(0)
+                cmd = prepare(results, run, python, scripts_dir)
+                counts["pending"] -= 1
+                if cmd is None:
+                    counts["done"] += 1
+                    continue
+                proc = launch(results, run, cmd, threads)
+                active[proc.pid] = (proc, run, time.time())
+                counts["running"] += 1
+                print(f"[sweep] start {run.name}: {shlex.join(cmd[1:])}", file=out, flush=True)
+            if stop["requested"] and not active:
+                break
+            changed = False
+            for pid, (proc, run, t0) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                proc.log.close()
+                del active[pid]
+                counts["running"] -= 1
+                outcome = finish(results, run, proc.returncode)
+                if outcome == "done":
+                    counts["done"] += 1
+                    durations.append(time.time() - t0)
+                    if compact:
+                        compact_run(cell_state(results, run).folder)
+                elif outcome == "stopped":
+                    counts["pending"] += 1
+                else:
+                    counts["failed"] += 1
+                    failed.append(run)
+                    print(f"[sweep] FAILED {run.name}: {_marker(results, run, 'failed').read_text().splitlines()[0]}"
+                          f" — see {_marker(results, run, 'log')}", file=out, flush=True)
+                changed = True
+            now = time.time()
+            if changed or now - last_print > 30:
+                print(progress_line(counts, now - start, durations, workers), file=out, flush=True)
+                last_print = now
+            time.sleep(0.2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if stop["requested"]:
+        print(f"[sweep] stopped: {counts['done']}/{len(runs)} done. Re-issue the same command to resume.",
+              file=out, flush=True)
+        return STOPPED_EXIT
+    if failed:
+        print(f"[sweep] {len(failed)} run(s) failed: {', '.join(r.name for r in failed)}. Their logs are in "
+              f"{results / 'logs'}; re-issuing the command retries them (resuming from their checkpoints).",
+              file=out, flush=True)
+        return 1
+    print(f"[sweep] complete: {len(runs)} runs in {results / 'runs'}. Report: python -m common.report {results}",
+          file=out, flush=True)
+    return 0
+
+
+def compact_run(folder: Path | None) -> None:
+    """Drop the weights of a finished run (checkpoint.pt, model.pt): what is left is what the report reads."""
+    if folder is not None and (folder / "summary.json").is_file():
+        for name in ("checkpoint.pt", "model.pt"):
+            (folder / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slurm backend (submitit)
+# ---------------------------------------------------------------------------------------------------------
+class SweepTask:
+    """What one array task runs: decide the cell's state, start the script (fresh or `--resume`), wait.
+    On USR2 (Slurm's warning before the time limit, or a preemption notice) submitit calls `checkpoint`, which
+    stops the script with SIGTERM (it checkpoints and exits 3) and hands back the same call, which submitit
+    requeues; the requeued call finds the checkpoint and resumes."""
+
+    def __init__(self, results: str, threads: int, scripts_dir: str = str(REPO), stop_timeout_s: float = 60.0,
+                 compact: bool = False):
+        self.results, self.threads, self.scripts_dir = results, threads, scripts_dir
+        self.stop_timeout_s, self.compact = stop_timeout_s, compact
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._proc = None
+
+    def __call__(self, run: Run) -> str:
+        results = Path(self.results)
+        cmd = prepare(results, run, sys.executable, Path(self.scripts_dir))
+        if cmd is None:
+            return f"{run.name}: already done"
+        print(f"[task] {run.name}: {shlex.join(cmd)}", flush=True)
+        self._proc = launch(results, run, cmd, self.threads)
+        # poll instead of wait(): the signal handler (checkpoint) may run while we are here
+        while self._proc.poll() is None:
+            time.sleep(0.5)
+        self._proc.log.close()
+        outcome = finish(results, run, self._proc.returncode)
+        if outcome == "done":
+            if self.compact:
+                compact_run(cell_state(results, run).folder)
+            return f"{run.name}: done"
+        if outcome == "stopped":
+            raise RuntimeError(f"{run.name}: the script was stopped by a signal (exit 3) and checkpointed; a "
+                               f"requeued task or a re-issued sweep resumes it.")
+        raise RuntimeError(f"{run.name}: {_marker(results, run, 'failed').read_text()}")
+
+    def checkpoint(self, run: Run):
+        import submitit
+
+        proc = self._proc
+        if proc is not None:
+            print(f"[task] {run.name}: preempted or timing out; stopping the script so it checkpoints", flush=True)
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                deadline = time.time() + self.stop_timeout_s
+                # waitid(WNOWAIT) peeks without reaping, so it cannot race with the poll() loop in __call__
+                while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    if time.time() > deadline:  # the last periodic checkpoint is still there to resume from
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+                    time.sleep(0.2)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            _marker(Path(self.results), run, "running").unlink(missing_ok=True)
+            print(f"[task] {run.name}: stopped; requeueing to continue with --resume", flush=True)
+        return submitit.helpers.DelayedSubmission(SweepTask(self.results, self.threads, self.scripts_dir,
+                                                            self.stop_timeout_s, self.compact), run)
+
+
+def _minutes(text: str) -> int:
+    """Slurm time formats: MM, HH:MM:SS, D-HH[:MM[:SS]]."""
+    try:
+        days, _, rest = text.rpartition("-")
+        parts = [int(p) for p in rest.split(":")]
+        if len(parts) == 1 and not days:
+            minutes = parts[0]
+        else:
+            parts = (parts + [0, 0])[:3] if days else ([0] * (3 - len(parts)) + parts)
+            minutes = parts[0] * 60 + parts[1] + (1 if parts[2] else 0)
+        return int(days or 0) * 1440 + minutes
+    except ValueError as exc:
+        raise SweepError(f"--time {text!r}: use minutes (90), HH:MM:SS (24:00:00) or D-HH:MM:SS.") from exc
+
+
+def make_executor(backend: str, results: Path, args: argparse.Namespace):
+    try:
+        import submitit
+    except ModuleNotFoundError as exc:
+        raise SweepError("the slurm backends need submitit: pip install -e \".[benchmark]\".") from exc
+    folder = results / "submitit" / "%j"
+    if backend == "slurm":
+        if shutil.which("sbatch") is None:
+            raise SweepError("--backend slurm: sbatch is not on PATH (not a Slurm login node?). Use --backend "
+                             "local here, or --backend submitit-local to try the Slurm code path without Slurm.")
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=args.max_requeues)
+    params: dict = dict(timeout_min=_minutes(args.time), cpus_per_task=args.cpus_per_task or args.threads_per_run,
+                        name=f"sweep-{results.name}")
+    if args.mem is not None:
+        params["mem_gb"] = args.mem
+    if args.gpus:
+        params["gpus_per_node"] = args.gpus
+    if backend == "slurm":
+        params.update(slurm_signal_delay_s=args.signal_delay, slurm_array_parallelism=args.workers)
+        for key, value in (("partition", args.partition), ("account", args.account), ("qos", args.qos),
+                           ("constraint", args.constraint)):
+            if value:
+                params[f"slurm_{key}"] = value
+        if args.setup:
+            params["slurm_setup"] = args.setup
+        extra = {}
+        for item in args.slurm_extra:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SweepError(f"--slurm-extra {item!r}: use KEY=VALUE, e.g. --slurm-extra exclude=node3.")
+            extra[key] = value
+        if extra:
+            params["slurm_additional_parameters"] = extra
+    else:
+        params["local_signal_delay_s"] = args.signal_delay
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_submitit(results: Path, runs: list[Run], args: argparse.Namespace, out=sys.stdout) -> int:
+    todo = [r for r in runs if cell_state(results, r).state not in ("done", "running")]
+    skipped = len(runs) - len(todo)
+    if not todo:
+        print(f"[sweep] nothing to submit: {skipped} of {len(runs)} runs are done or running.", file=out)
+        return 0
+    executor = make_executor(args.backend, results, args)
+    threads = args.threads_per_run or args.cpus_per_task or 1
+    task = SweepTask(str(results), threads, str(REPO), stop_timeout_s=max(5.0, args.signal_delay * 2 / 3),
+                     compact=args.compact)
+    jobs = executor.map_array(task, todo)
+    print(f"[sweep] submitted {len(jobs)} task(s) as array job {jobs[0].job_id.split('_')[0]} ({args.backend}); "
+          f"{skipped} already done or running. Logs: {results / 'submitit'}, {results / 'logs'}.", file=out,
+          flush=True)
+    if args.backend == "slurm" and not args.wait:
+        print(f"[sweep] follow it with: python -m common.benchmark {args.sweep} --results {results} --status",
+              file=out)
+        return 0
+    start, last, rc = time.time(), "", 0
+    ended: dict[int, float] = {}
+    while True:
+        for i, job in enumerate(jobs):
+            if i not in ended and job.done():
+                ended[i] = time.time() - start
+        counts = status_counts(results, runs)
+        # array tasks start together, so a finished task's wall time is a fair guess for the others
+        line = progress_line(counts, time.time() - start, list(ended.values()), args.workers)
+        if line.split("| elapsed")[0] != last or time.time() - start > 30 * (1 + len(ended)):
+            print(line, file=out, flush=True)
+            last = line.split("| elapsed")[0]
+        if len(ended) == len(jobs):
+            break
+        time.sleep(2)
+    for job, run in zip(jobs, todo, strict=True):
+        try:
+            job.result()
+        except Exception as exc:  # submitit wraps the task's exception; one line per failed task
+            rc = 1
+            text = str(exc).strip().splitlines()
+            print(f"[sweep] FAILED {run.name} (job {job.job_id}): {text[-1] if text else exc}", file=out)
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m common.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="sweep file (TOML), e.g. benchmarks/toys.toml")
+    p.add_argument("--results", help="results folder; runs go to RESULTS/runs (default: results/<sweep file name>)")
+    p.add_argument("--backend", choices=("local", "slurm", "submitit-local"), default="local")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel runs (local: processes, default = CPU cores / threads; slurm: array parallelism)")
+    p.add_argument("--threads-per-run", type=int, default=None,
+                   help="OMP/MKL threads of each run (default 1 locally; on Slurm --cpus-per-task)")
+    p.add_argument("--dry-run", action="store_true", help="print each run's state and command, run nothing")
+    p.add_argument("--status", action="store_true", help="print how many runs are done / running / failed / ...")
+    p.add_argument("--compact", action="store_true",
+                   help="delete checkpoint.pt and model.pt of finished runs (keep config, metrics, summary)")
+    s = p.add_argument_group("Slurm (--backend slurm / submitit-local)")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--qos")
+    s.add_argument("--constraint")
+    s.add_argument("--time", default="24:00:00", help="time limit per task (minutes or [D-]HH:MM:SS)")
+    s.add_argument("--cpus-per-task", type=int, default=None)
+    s.add_argument("--mem", type=int, default=None, help="memory per task in GB")
+    s.add_argument("--gpus", type=int, default=0, help="GPUs per task")
+    s.add_argument("--signal-delay", type=int, default=90,
+                   help="seconds before the time limit at which USR2 asks the task to checkpoint and requeue")
+    s.add_argument("--max-requeues", type=int, default=20, help="time-outs after which a task gives up")
+    s.add_argument("--setup", action="append", default=[],
+                   help="a shell line run before each task (e.g. 'source .venv/bin/activate'); repeatable")
+    s.add_argument("--slurm-extra", action="append", default=[], help="any sbatch option as KEY=VALUE; repeatable")
+    s.add_argument("--wait", action="store_true", help="slurm: stay and print progress until the array finishes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sweep = load_sweep(args.sweep)
+    results = Path(args.results or Path("results") / Path(args.sweep).stem).resolve()
+    threads = args.threads_per_run or (args.cpus_per_task if args.backend != "local" else None) or 1
+    if threads < 1 or (args.workers is not None and args.workers < 1):
+        raise SweepError("--workers and --threads-per-run must be at least 1.")
+    args.threads_per_run = threads
+    args.workers = args.workers or (max(1, (os.cpu_count() or 1) // threads) if args.backend == "local"
+                                    else len(sweep.runs))
+    if args.status or args.dry_run:
+        counts, lines = status_table(results, sweep.runs)
+        print(f"{sweep.path}: {len(sweep.runs)} runs in {results / 'runs'}")
+        if args.dry_run:
+            for run, line in zip(sweep.runs, lines, strict=True):
+                print(line)
+                st = cell_state(results, run)
+                if st.state != "done":
+                    cmd = (run.resume_command(st.folder.relative_to(results)) if st.folder else run.command())
+                    print(f"           $ {shlex.join(cmd[1:])}")
+        else:
+            print("\n".join(line for line in lines if not line.strip().startswith("done")))
+        print(" | ".join(f"{counts[s]} {s}" for s in STATES) +
+              "   (stopped: checkpoint, will resume; started: no checkpoint, will restart)")
+        return 0
+    results.mkdir(parents=True, exist_ok=True)
+    copy = results / "sweep.toml"  # the report reads it to group variants into experiments
+    if not copy.exists() or copy.read_text() != sweep.path.read_text():
+        copy.write_text(sweep.path.read_text())
+    if args.backend == "local":
+        return run_local(results, sweep.runs, args.workers, threads, compact=args.compact)
+    return run_submitit(results, sweep.runs, args)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
