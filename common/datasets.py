@@ -1,22 +1,50 @@
-"""Offline datasets: resolve a name, find or make the data, load it as episodes (spec: specs/data.md).
+"""Offline datasets: resolve a name, find, fetch or make the data, check it, load it as episodes.
 
 `load_dataset(env_id)` accepts a D4RL-style name (`hopper-random-v2`, `antmaze-umaze-v2`, `pen-human-v1`,
 `maze2d-umaze-v1`, ...), a Minari id (`mujoco/hopper/medium-v0`, `D4RL/door/human-v2`, ...) or a toy
 (`toy-vitamin-v0`, `toy-ag-v0`, built in memory, see `common/toys.py`), and looks for the data in this order:
 
 1. `dataset_path` (`--dataset-path`): a D4RL `.hdf5` file, or a Minari dataset folder (the folder holding
-   `data/main_data.hdf5`, or that `data/` folder itself).
-2. The local Minari cache (`$MINARI_DATASETS_PATH`, default `~/.minari/datasets`): the Minari id of the name,
-   and for `*-random-v2` the id this module generates (`generated/<env>/random-v2`, or
+   `data/main_data.hdf5`, or that `data/` folder itself). Any problem with it is an error (no fall-through).
+2. On disk, without any network access, in this order: the name's Minari dataset in the local Minari cache
+   (`$MINARI_DATASETS_PATH`, default `~/.minari/datasets`); D4RL's own file in `$D4RL_DATASET_DIR`, default
+   `~/.d4rl/datasets` (D4RL's file name, e.g. `hopper_medium_replay-v2.hdf5`, read with h5py alone); for
+   `*-random-v2` the dataset this module generated earlier (`generated/<env>/random-v2` in the Minari cache, or
    `generated/<env>/random-<steps>-v2` for a size other than 1M, so sizes never collide).
-3. A D4RL file the user already has: `$D4RL_DATASET_DIR/<file>` or `~/.d4rl/datasets/<file>`, with D4RL's
-   file name (`hopper_random-v2.hdf5`: the first `-` becomes `_`). Read with h5py alone.
-4. A Minari download (`download=True`), skipped at once when it cannot work: no `huggingface_hub`,
-   `HF_HUB_OFFLINE` set, or the remote host unreachable within 2 s. Every exception is caught.
+3. A D4RL download, for the locomotion names `{hopper,halfcheetah,walker2d}-{random,medium,medium-replay,
+   medium-expert,expert}-v2`: D4RL's own `.hdf5` from the URL d4rl used (`D4RL_BASE_URL`, overridden by
+   `$D4RL_DATASET_URL`; `D4RL_DATASET_URL=off` disables it) into step 2's D4RL folder, as d4rl did. A progress
+   bar; the bytes go to `<file>.part` (locked while written, resumed with an HTTP Range request after a broken
+   connection, a Ctrl-C or a kill); the size is checked against the server's Content-Length and the file
+   against D4RL's keys before it is renamed into place, and a bad file is removed. Offline it costs nothing:
+   a failed name lookup is immediate, a connection gets `D4RL_CONNECT_TIMEOUT` (10 s), and the resolution
+   goes on. Not for `ant-*` (D4RL's 111-dim Ant files cannot run on Ant-v5) nor for a `*-random-v2` asked with
+   a non-default `generate_steps` (that asks for a generated dataset of that size).
+   Why before generation: D4RL's file is the data the papers used, a generated random dataset is only a
+   stand-in; so with internet `hopper-random-v2` is D4RL's file. What is already on disk (step 2) is still used
+   first, so a machine that generated its data keeps training on the same data, and offline nothing changes.
+4. A Minari download (`download=True`), for the names Minari holds (AntMaze, Adroit, Maze2d ports and Minari
+   ids), skipped at once when it cannot work: no `huggingface_hub`, `HF_HUB_OFFLINE` set, or the remote host
+   unreachable within 2 s. Every exception is caught.
 5. Local generation for every locomotion `*-random-v2`: D4RL's protocol (uniform random actions, 1000-step
-   TimeLimit, `generate_steps` env steps, 1M by default) on the Gymnasium v5 env, written to step 2's cache
-   as a standard Minari dataset (with both reference scores), so it happens once.
+   TimeLimit, `generate_steps` env steps, 1M by default) on the Gymnasium v5 env, written to the Minari cache
+   as a standard Minari dataset (with both reference scores), so it happens once. The cache folder is checked
+   for writability before anything is generated.
 6. Otherwise a `DatasetError` that names the dataset, says why each of 1-5 failed and how to provide it.
+
+Checks at load, for every source, before any training (each failure is a `DatasetError` naming the field, the
+number of bad steps and the first one): observations, next observations, actions and rewards must be finite;
+observation and action sizes must match the env; actions must lie in the env's action space up to an absolute
+tolerance of `ACTION_TOLERANCE` (1e-3; D4RL's data sits exactly at +-1, which is inside). Values within the
+tolerance are clipped to the bounds. `$ONLINE_DT_ACTION_TOLERANCE` raises the tolerance for data known to be
+slightly out of bounds (it is then clipped too).
+
+Nothing half-written survives: generation writes into `.staging-<pid>-<host>-<id>` in the Minari cache and
+renames it into place; every load removes staging folders (and temporary files) of this host whose process is
+gone, so a `kill -9` leaves nothing behind after the next start. Ctrl-C during a load, a generation or a download
+raises `DatasetInterrupted` (a `DatasetError`) after cleaning up; only a download's `.part` file is kept, on
+purpose, so that the next attempt resumes it. A load that fails its checks removes what it created (a dataset
+it generated, a file it downloaded) and writes no derived cache.
 
 Choices worth knowing:
 - Envs are Gymnasium `*-v5` (`Hopper-v5`, ...). D4RL's Ant files are 111-dim (old Ant with contact forces),
@@ -39,17 +67,20 @@ Choices worth knowing:
   error message suggests them, and they can be used explicitly by their Minari id (normalised with the D4RL
   reference scores of their family, which `source` says).
 - Reading Minari's HDF5 costs ~0.1 ms per array (~25 s for the ~45k short episodes of a 1M-step random
-  dataset, even with h5py's low-level API used here; more through `MinariDataset`). So the first load
-  writes a float32 copy of the episodes, `data/.online_dt_episodes.npz`, next to `main_data.hdf5` (derived,
-  keyed by that file's size and mtime, safe to delete); later loads take about a second.
+  dataset, even with h5py's low-level API used here; more through `MinariDataset`). So the first successful
+  load writes a float32 copy of the episodes, `data/.online_dt_episodes.npz`, next to `main_data.hdf5`
+  (derived, keyed by that file's size and mtime, safe to delete); later loads take about a second.
 
-CLI (pre-build or inspect a dataset): `python -m common.datasets hopper-random-v2 [--steps N]`.
+CLI: `python -m common.datasets hopper-random-v2 [--steps N]` pre-builds (or fetches) and inspects a dataset;
+`python -m common.datasets --download-all [--kinds random medium ...] [--families hopper ...]` fetches the D4RL
+locomotion files the papers use (`PAPER_D4RL`) and prints what it fetched, skipped or could not get.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import http.client
 import importlib
 import importlib.util
 import json
@@ -58,8 +89,12 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +109,19 @@ from common.toys import TOYS, toy_offline_actions
 
 class DatasetError(Exception):
     """Raised with a complete, user-facing paragraph as its message (what failed, what was tried, how to fix)."""
+
+
+class DatasetInterrupted(DatasetError):
+    """Ctrl-C (KeyboardInterrupt) during a load, generation or download, after cleaning up; the message says
+    what was kept. Catching `DatasetError` catches it too; exit code 130 is the shell's convention for it."""
+
+
+class D4RLDownloadError(DatasetError):
+    """A D4RL download that could not be done; `offline` when the server could not be reached at all."""
+
+    def __init__(self, message: str, offline: bool = False):
+        super().__init__(message)
+        self.offline = offline
 
 
 @dataclass
@@ -119,6 +167,20 @@ REF_SCORES: dict[str, tuple[float, float]] = {
 }
 DEFAULT_GENERATE_STEPS = 1_000_000
 MAX_GENERATION_ENVS = 8
+
+# Actions may lie outside the env's Box by at most this much (absolute, per value) and are then clipped; beyond it
+# the dataset is refused. D4RL's data sits exactly at +-1. $ONLINE_DT_ACTION_TOLERANCE overrides it.
+ACTION_TOLERANCE = 1e-3
+
+# D4RL's own locomotion v2 files, where d4rl downloaded them from (file name: hopper_medium_replay-v2.hdf5).
+D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+D4RL_CONNECT_TIMEOUT = 10.0  # seconds; also the longest silence tolerated while reading (then resume)
+D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")  # every v2 locomotion file
+D4RL_DOWNLOAD_ATTEMPTS = 5  # consecutive broken connections without progress before giving up (resumable)
+# The D4RL locomotion datasets of the papers (ODT, ODT+TD3, Reinformer+AG tables). The papers' ant-* runs used
+# D4RL's 111-dim Ant, which Ant-v5 cannot run, so ant is left out (ant-random-v2 is generated locally).
+PAPER_D4RL = tuple(f"{env}-{kind}-v2" for env in ("hopper", "halfcheetah", "walker2d")
+                   for kind in ("random", "medium", "medium-replay", "medium-expert"))
 
 
 @dataclass(frozen=True)
@@ -203,7 +265,12 @@ def _d4rl_dir() -> Path:
 
 
 def _d4rl_file_names(name: _Name) -> list[str]:
+    """Accepted file names in the D4RL folder, D4RL's own first (`hopper_medium_replay-v2.hdf5`)."""
     files = [name.env_id.replace("-", "_", 1) + ".hdf5", name.env_id + ".hdf5"]
+    if name.family in LOCOMOTION_ENVS:  # d4rl: f"{env}_{kind.replace('-', '_')}-v{N}.hdf5"
+        version = name.env_id.rsplit("-", 1)[1]
+        files.insert(0, f"{name.family}_{name.kind.replace('-', '_')}-{version}.hdf5")
+        files = list(dict.fromkeys(files))
     if name.family == "maze2d" and "dense" not in name.kind:  # D4RL's sparse maze2d files say so
         files.append(re.sub(r"-v(\d+)$", r"-sparse-v\1", name.env_id) + ".hdf5")
     return files
@@ -355,6 +422,82 @@ class _Loaded:  # what a reader returns before the name's defaults are applied
     env_spec: EnvSpec | None = None
     ref_min_score: float | None = None
     ref_max_score: float | None = None
+    created: list[Path] = field(default_factory=list)  # made by this load: removed if its checks fail
+    on_success: list[Callable[[], None]] = field(default_factory=list)  # derived caches, written once it passed
+
+
+# --- leftovers of dead processes, writability -----------------------------------------------------------------
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+_STAGING = re.compile(r"^\.staging-(\d+)-([A-Za-z0-9._]+)-")  # .staging-<pid>-<host>-<dataset id>
+_LEGACY_STAGING = re.compile(r"^\.staging-.+-(\d+)$")  # .staging-<dataset id>-<pid> (before the host was added)
+
+
+def _owner() -> str:
+    """`<pid>-<host>`: names what this process writes, so that leftovers of dead processes can be recognised."""
+    return f"{os.getpid()}-{_HOST}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would terminate it; never guess there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def _stale(pid: int, host: str) -> bool:
+    return host == _HOST and not _pid_alive(pid)  # another host's process (shared filesystem): not ours to judge
+
+
+def _remove_stale_staging(root: Path) -> list[Path]:
+    """Remove `.staging-*` folders in the Minari cache `root` left by dead processes of this host (kill -9)."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(".staging-")]
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STAGING.match(entry.name)
+        pid, host = (int(m[1]), m[2]) if m else (None, _HOST)
+        if m is None and (legacy := _LEGACY_STAGING.match(entry.name)):
+            pid = int(legacy[1])
+        if pid is not None and _stale(pid, host):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _unwritable(folder: Path, create: bool = True) -> str | None:
+    """Why files cannot be written in `folder`, or None. With `create`, a missing folder is made; without, only
+    its nearest existing ancestor is checked (nothing is made). A real file is written and removed: permission
+    bits lie for root, read-only mounts and ACLs."""
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.exists():
+            ancestor = next((a for a in folder.parents if a.exists()), None)
+            if ancestor is None or not ancestor.is_dir():
+                return f"{ancestor} is not a folder"
+            return None if os.access(ancestor, os.W_OK | os.X_OK) else f"{ancestor} is not writable"
+        if not folder.is_dir():
+            return "it is not a folder"
+        fd, probe = tempfile.mkstemp(prefix=f".write-test-{_owner()}-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # --- readers ---------------------------------------------------------------------------------------------
@@ -394,14 +537,24 @@ def _load_flat_cache(data_dir: Path) -> dict | None:
         return None
 
 
+_FLAT_TMP = re.compile(r"^" + re.escape(FLAT_CACHE) + r"\.(\d+)(?:-([A-Za-z0-9._]+))?\.tmp$")
+
+
 def _save_flat_cache(data_dir: Path, flat: dict) -> None:
-    tmp = data_dir / f"{FLAT_CACHE}.{os.getpid()}.tmp"
+    for other in data_dir.glob(f"{FLAT_CACHE}.*.tmp"):  # left by a killed process
+        m = _FLAT_TMP.match(other.name)
+        if m and _stale(int(m[1]), m[2] or _HOST):
+            other.unlink(missing_ok=True)
+    tmp = data_dir / f"{FLAT_CACHE}.{_owner()}.tmp"
     try:
         with open(tmp, "wb") as fh:
             np.savez(fh, key=_h5_key(data_dir), **flat)
         os.replace(tmp, data_dir / FLAT_CACHE)
     except OSError:  # read-only dataset folder: fine, just slower next time
         tmp.unlink(missing_ok=True)
+    except BaseException:  # Ctrl-C while writing: no half file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _h5_read(fid, path: str) -> np.ndarray:
@@ -476,17 +629,20 @@ def _episodes_from_flat(flat: dict) -> list[Episode]:
     return episodes
 
 
-def _read_minari(path: Path, progress: bool) -> tuple[list[Episode], dict]:
+def _read_minari(path: Path, progress: bool) -> tuple[list[Episode], dict, Callable[[], None] | None]:
+    """Episodes, metadata, and the writer of the derived float32 cache (None when it is current or not used),
+    to be called only once the data has passed its checks."""
     data_dir = _minari_data_dir(path)
     if data_dir is None:
         raise DatasetError(f"'{path}' is not a Minari dataset folder: no data/metadata.json in it.")
+    save = None
     try:
         meta = json.loads((data_dir / "metadata.json").read_text())
         flat = _load_flat_cache(data_dir) if meta.get("data_format", "hdf5") == "hdf5" else None
         if flat is None:
             flat = _read_minari_flat(data_dir, meta, progress)
             if meta.get("data_format", "hdf5") == "hdf5":
-                _save_flat_cache(data_dir, flat)
+                save = lambda: _save_flat_cache(data_dir, flat)  # noqa: E731
     except DatasetError:
         raise
     except Exception as err:  # noqa: BLE001 - corrupt / truncated / foreign files: explain, don't trace
@@ -495,7 +651,7 @@ def _read_minari(path: Path, progress: bool) -> tuple[list[Episode], dict]:
             f"incomplete (an interrupted download or generation) or written by an incompatible Minari version. "
             f"Delete '{data_dir.parent}' and load it again (a generated dataset is regenerated, a remote one "
             f"re-downloaded with `minari download ID`).") from err
-    return _episodes_from_flat(flat), meta
+    return _episodes_from_flat(flat), meta, save
 
 
 def _read_d4rl(path: Path, max_episode_steps: int) -> list[Episode]:
@@ -550,12 +706,12 @@ def _read_d4rl(path: Path, max_episode_steps: int) -> list[Episode]:
 
 
 def _load_minari_dir(path: Path, progress: bool, what: str) -> _Loaded:
-    episodes, meta = _read_minari(path, progress)
+    episodes, meta, save = _read_minari(path, progress)
     ref_min, ref_max = meta.get("ref_min_score"), meta.get("ref_max_score")
     if ref_min is None or ref_max is None:
         ref_min = ref_max = None
     return _Loaded(episodes, f"{what} ({meta.get('dataset_id', '?')}, {path})", _spec_from_metadata(meta),
-                   ref_min, ref_max)
+                   ref_min, ref_max, on_success=[save] if save else [])
 
 
 def _load_d4rl_file(name: _Name, path: Path, what: str) -> _Loaded:
@@ -574,7 +730,32 @@ def _load_d4rl_file(name: _Name, path: Path, what: str) -> _Loaded:
 
 # --- generation ------------------------------------------------------------------------------------------
 def _generate_random(name: _Name, cache_id: str, steps: int, seed: int, progress: bool) -> Path:
-    """D4RL's random protocol on the v5 env, written as a Minari dataset under `cache_id`; returns its folder."""
+    """D4RL's random protocol on the v5 env, written as a Minari dataset under `cache_id`; returns its folder.
+    The cache folder is checked for writability first (a 1M-step generation takes minutes); Ctrl-C or a write
+    error leaves nothing in the cache."""
+    root = _minari_root()
+    why = _unwritable(root)
+    if why is not None:
+        where = ("MINARI_DATASETS_PATH" if os.environ.get("MINARI_DATASETS_PATH")
+                 else "the default; set MINARI_DATASETS_PATH to choose another")
+        raise DatasetError(
+            f"Cannot generate '{name.env_id}': the Minari cache folder {root} ({where}) is not writable ({why}). "
+            f"Nothing was generated. Point MINARI_DATASETS_PATH at a writable folder (e.g. `export "
+            f"MINARI_DATASETS_PATH=$HOME/minari-datasets`), or pass --dataset-path to a dataset you already have.")
+    try:
+        return _collect_and_write(name, cache_id, steps, seed, progress, root)
+    except KeyboardInterrupt:
+        raise DatasetInterrupted(
+            f"Interrupted (Ctrl-C) while generating '{name.env_id}': nothing was cached (the partly written "
+            f"dataset was removed). Run again to generate it ({steps} steps).") from None
+    except OSError as err:  # disk full, folder removed or made read-only meanwhile
+        raise DatasetError(
+            f"Writing the generated dataset '{name.env_id}' to {root} failed ({type(err).__name__}: {err}); "
+            f"nothing was cached. Free some space (a 1M-step random dataset takes about 1 GB) or point "
+            f"MINARI_DATASETS_PATH at another folder, then run again.") from err
+
+
+def _collect_and_write(name: _Name, cache_id: str, steps: int, seed: int, progress: bool, root: Path) -> Path:
     import minari
     from minari.data_collector import EpisodeBuffer
 
@@ -628,10 +809,10 @@ def _generate_random(name: _Name, cache_id: str, steps: int, seed: int, progress
                    f"Generated by common/datasets.py.")
 
     # Write into a staging root, then move into place atomically: an interrupted run never leaves a half dataset
-    # in the cache, and two concurrent generations do not collide.
-    root = _minari_root()
+    # in the cache, and two concurrent generations do not collide. The name carries pid and host, so a staging
+    # folder left by a kill -9 is recognised and removed by the next load (`_remove_stale_staging`).
     root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".staging-{cache_id.replace('/', '_')}-{os.getpid()}"
+    staging = root / f".staging-{_owner()}-{cache_id.replace('/', '_')}"
     shutil.rmtree(staging, ignore_errors=True)
     old_root = os.environ.get("MINARI_DATASETS_PATH")
     t1 = time.time()
@@ -665,7 +846,195 @@ def _generate_random(name: _Name, cache_id: str, steps: int, seed: int, progress
     return target
 
 
-# --- download --------------------------------------------------------------------------------------------
+# --- D4RL download ---------------------------------------------------------------------------------------
+def _d4rl_url_base() -> str | None:
+    base = os.environ.get("D4RL_DATASET_URL", "").strip() or D4RL_BASE_URL
+    return None if base.lower() in ("off", "none", "0", "false", "no") else base.rstrip("/") + "/"
+
+
+def d4rl_url(env_id: str) -> str:
+    """The URL of D4RL's own file for a locomotion v2 name (`$D4RL_DATASET_URL` replaces the base)."""
+    name = _parse(env_id)
+    return (_d4rl_url_base() or D4RL_BASE_URL) + _d4rl_file_names(name)[0]
+
+
+def _d4rl_download_skip(name: _Name, generate_steps: int = DEFAULT_GENERATE_STEPS) -> str | None:
+    """Why step 3 does not apply to `name` (None: it does)."""
+    if not (name.d4rl and name.family in LOCOMOTION_ENVS and name.env_id.endswith("-v2")):
+        return "only D4RL's locomotion *-v2 files are downloaded"
+    if name.family == "ant":
+        return ("not downloaded: D4RL's ant files have 111-dim observations (old Ant), Gymnasium's Ant-v5 has 105, "
+                "so they cannot be used here")
+    if name.kind == "random" and generate_steps != DEFAULT_GENERATE_STEPS:
+        return (f"skipped: a {generate_steps}-step generated dataset was asked for (--generate-steps); D4RL's file "
+                f"has 1M steps")
+    if _d4rl_url_base() is None:
+        return "disabled (D4RL_DATASET_URL=off)"
+    return None
+
+
+def _verify_d4rl_file(path: Path) -> str | None:
+    """Why `path` is not a complete D4RL locomotion file (None: it is): readable HDF5, D4RL's keys, equal lengths."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_REQUIRED_KEYS if k not in f]
+            if missing:
+                return f"it lacks the keys {missing} (found {sorted(f.keys())[:12]})"
+            lengths = {k: f[k].shape[0] if f[k].shape else 0 for k in D4RL_REQUIRED_KEYS}
+            if len(set(lengths.values())) != 1:
+                return f"its arrays have different lengths {lengths}"
+    except Exception as err:  # noqa: BLE001 - OSError for a truncated or non-HDF5 file, anything else from h5py
+        return f"it is not a readable HDF5 file ({type(err).__name__}: {err})"
+    return None
+
+
+class _Stop(Exception):
+    """The download cannot go on (the message says why); the .part file is removed."""
+
+
+def _size(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def download_d4rl(env_id: str, progress: bool = True) -> Path:
+    """Download D4RL's own `.hdf5` for a locomotion v2 name into `$D4RL_DATASET_DIR` (default `~/.d4rl/datasets`)
+    and return its path (at once if it is already there). The bytes go to `<file>.part`, locked while written;
+    a broken connection is resumed with an HTTP Range request (up to `D4RL_DOWNLOAD_ATTEMPTS` times in a row
+    without progress, and again by the next call); the size must match the server's Content-Length and the file
+    D4RL's keys, else it is removed; then it is renamed into place. Nothing is created before the server answers.
+    Raises `D4RLDownloadError` (`.offline` when the server could not be reached) or `DatasetInterrupted` on
+    Ctrl-C (the .part file is kept for the next call)."""
+    name = _parse(env_id)
+    why = _d4rl_download_skip(name)
+    if why is not None:
+        raise D4RLDownloadError(f"{env_id}: {why}")
+    folder = _d4rl_dir()
+    target = folder / _d4rl_file_names(name)[0]
+    if target.is_file():
+        return target
+    url = d4rl_url(env_id)
+    why = _unwritable(folder, create=False)
+    if why is not None:
+        raise D4RLDownloadError(f"the D4RL folder {folder} is not writable ({why}); point D4RL_DATASET_DIR at a "
+                                f"writable folder")
+    part = target.with_name(target.name + ".part")
+    fh = bar = None
+    try:
+        if part.is_file():  # resume what an earlier attempt left (locked first: it may still be writing)
+            fh = _open_locked(part)
+        start = part.stat().st_size if fh else 0
+        failures, reason, connected = 0, "", False
+        while True:
+            before = start
+            try:
+                response = _open_d4rl(url, start)
+            except urllib.error.HTTPError as err:
+                if err.code == 416 and start:  # the .part is not a prefix of the file: start over
+                    fh.truncate(0)
+                    start = 0
+                    continue
+                raise D4RLDownloadError(f"{url} answered HTTP {err.code} {err.reason}") from None
+            except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
+                reason = f"{getattr(err, 'reason', None) or err}"
+                if not connected:  # never reached in this call: offline, or the server is down
+                    raise D4RLDownloadError(f"{url} is unreachable ({reason})", offline=True) from None
+            else:
+                connected = True
+                with response:
+                    start, total = _start_and_total(response, start)
+                    if fh is None:
+                        folder.mkdir(parents=True, exist_ok=True)
+                        fh = _open_locked(part)
+                        if target.is_file():  # another process finished it meanwhile
+                            return target
+                    fh.truncate(start)
+                    fh.seek(start)
+                    if bar is None:
+                        bar = tqdm(total=total, initial=start, desc=f"downloading {target.name}", unit="B",
+                                   unit_scale=True, unit_divisor=1024, disable=not progress, mininterval=1.0)
+                    bar.n = start
+                    try:
+                        while chunk := response.read(1 << 20):
+                            fh.write(chunk)
+                            start += len(chunk)
+                            bar.update(len(chunk))
+                    except (OSError, http.client.HTTPException) as err:  # broken connection or a stall: resume
+                        reason = f"{type(err).__name__}: {err}"
+                    else:
+                        reason = "the server closed the connection early"
+                    fh.flush()
+                if total is None or start >= total:
+                    if total is not None and start != total:
+                        raise _Stop(f"{_size(start)} were received where the server announced {_size(total)}")
+                    break
+            failures = 0 if start > before else failures + 1
+            if failures >= D4RL_DOWNLOAD_ATTEMPTS:
+                raise D4RLDownloadError(
+                    f"the download of {url} broke {failures} times in a row without progress ({reason}); "
+                    f"{_size(start)} are kept in {part} and the next attempt resumes from there")
+            time.sleep(0.2 * failures)
+        why = _verify_d4rl_file(part)
+        if why is not None:
+            raise _Stop(f"the downloaded file is not a D4RL dataset: {why}")
+        os.replace(part, target)  # atomic: the D4RL folder never holds a partial file under the real name
+        print(f"common.datasets: downloaded {url} to {target} ({_size(target.stat().st_size)})", file=sys.stderr,
+              flush=True)
+        return target
+    except _Stop as err:
+        part.unlink(missing_ok=True)
+        raise D4RLDownloadError(f"{err}; it was removed. Run again to retry, or download {url} yourself and pass "
+                                f"--dataset-path") from None
+    except KeyboardInterrupt:
+        kept = part.stat().st_size if fh is not None and part.is_file() else 0
+        raise DatasetInterrupted(
+            f"Interrupted (Ctrl-C) while downloading {url}: nothing was cached."
+            + (f" The {_size(kept)} received so far are kept in {part}; the next run resumes from there (delete it "
+               f"to start over)." if kept else "")) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if fh is not None:  # we hold the lock: an empty .part is worth nothing
+            if part.is_file() and part.stat().st_size == 0:
+                part.unlink(missing_ok=True)
+            fh.close()
+
+
+def _open_locked(part: Path):
+    """`part` opened for appending, with an exclusive lock (released by close or by the process's death)."""
+    fh = open(part, "ab")  # noqa: SIM115 - the caller closes it
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent downloads of one file are the user's business
+        return fh
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise D4RLDownloadError(f"another process is downloading {part.name} right now ({part} is locked); wait for "
+                                f"it to finish and run again") from None
+    return fh
+
+
+def _open_d4rl(url: str, start: int):
+    headers = {"User-Agent": "online-dt common/datasets.py", "Accept-Encoding": "identity"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=D4RL_CONNECT_TIMEOUT)
+
+
+def _start_and_total(response, start: int) -> tuple[int, int | None]:
+    """Where the body starts in the file and the file's size (None if the server does not say)."""
+    if response.status == 206:
+        m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+        if m and int(m[1]) == start:
+            return start, None if m[2] == "*" else int(m[2])
+        raise _Stop(f"the server answered the resume request with a wrong range "
+                    f"({response.headers.get('Content-Range')!r} for bytes={start}-)")
+    length = response.headers.get("Content-Length")
+    return 0, int(length) if length and length.isdigit() else None  # 200: the whole file again
+
+
+# --- Minari download -------------------------------------------------------------------------------------
 def _download(minari_id: str) -> tuple[Path | None, str]:
     """Try a Minari download; return (folder, "") or (None, why it was skipped or failed). Never raises."""
     if importlib.util.find_spec("huggingface_hub") is None:
@@ -720,34 +1089,55 @@ def _resolve(name: _Name, dataset_path, generate_steps, download, progress, seed
         return _load_d4rl_file(name, path, "D4RL file at --dataset-path")
     tried = ["1. --dataset-path: not given"]
 
-    # 2. local Minari cache
+    # 2. on disk, no network: the name's Minari dataset, D4RL's file, a dataset generated earlier
     root = _minari_root()
     generated_id = _generated_id(name, generate_steps)
-    cache_ids = [i for i in (name.minari_id, generated_id) if i]
-    for cache_id in cache_ids:
-        if _minari_data_dir(root / cache_id):
-            what = "locally generated Minari dataset" if cache_id == generated_id else "local Minari dataset"
-            return _load_minari_dir(root / cache_id, progress, what)
-    tried.append(f"2. Minari cache: no {' or '.join(cache_ids)} in {root}" if cache_ids
-                 else "2. Minari cache: no Minari dataset corresponds to this name")
+    misses = []
+    if name.minari_id:
+        if _minari_data_dir(root / name.minari_id):
+            return _load_minari_dir(root / name.minari_id, progress, "local Minari dataset")
+        misses.append(f"no {name.minari_id} in the Minari cache {root}")
+    d4rl_files = [_d4rl_dir() / f for f in _d4rl_file_names(name)] if name.d4rl else []
+    for candidate in d4rl_files:
+        if candidate.is_file():
+            return _load_d4rl_file(name, candidate, "D4RL file")
+    if d4rl_files:
+        misses.append(f"no D4RL file at {d4rl_files[0]}")
+    if generated_id:
+        if _minari_data_dir(root / generated_id):
+            return _load_minari_dir(root / generated_id, progress, "locally generated Minari dataset")
+        misses.append(f"no earlier generated {generated_id} in {root}")
+    tried.append("2. on disk: " + ("; ".join(misses) if misses else "no Minari or D4RL dataset corresponds to "
+                                   "this name"))
 
-    # 3. a D4RL file the user already has
-    d4rl_dirs = [_d4rl_dir()]
-    if name.d4rl:
-        candidates = [d / f for d in d4rl_dirs for f in _d4rl_file_names(name)]
-        for candidate in candidates:
-            if candidate.is_file():
-                return _load_d4rl_file(name, candidate, "D4RL file")
-        tried.append(f"3. D4RL file: no file at {candidates[0]}")
-    else:
-        tried.append("3. D4RL file: not a D4RL-style name")
+    # 3. D4RL's own file, downloaded
+    why = _d4rl_download_skip(name, generate_steps)
+    if why is None and not download:
+        why = "disabled (download=False / --no-download)"
+    if why is None:
+        try:
+            path = download_d4rl(name.env_id, progress)
+        except D4RLDownloadError as err:
+            why = str(err)
+            if not err.offline and generated_id:  # tell why a stand-in is generated although D4RL's file exists
+                print(f"common.datasets: D4RL download failed ({why}); going on without it", file=sys.stderr,
+                      flush=True)
+        else:
+            try:
+                loaded = _load_d4rl_file(name, path, "D4RL file, downloaded")
+            except DatasetError:
+                path.unlink(missing_ok=True)
+                raise
+            loaded.created.append(path)
+            return loaded
+    tried.append(f"3. D4RL download: {why}")
 
     # 4. Minari download
     if name.minari_id is None:
         tried.append(f"4. Minari download: no remote Minari dataset holds D4RL's {name.env_id} (Minari has only "
                      f"regenerated mujoco/{name.family}/{{simple,medium,expert}}-v0, different data)")
     elif not download:
-        tried.append("4. Minari download: disabled (download=False)")
+        tried.append("4. Minari download: disabled (download=False / --no-download)")
     else:
         path, why = _download(name.minari_id)
         if path is not None:
@@ -757,17 +1147,20 @@ def _resolve(name: _Name, dataset_path, generate_steps, download, progress, seed
     # 5. local generation
     if generated_id is not None:
         path = _generate_random(name, generated_id, generate_steps, seed, progress)
-        return _load_minari_dir(path, progress, "locally generated Minari dataset")
+        loaded = _load_minari_dir(path, progress, "locally generated Minari dataset")
+        loaded.created.append(path)
+        return loaded
     tried.append("5. local generation: only defined for the locomotion *-random-v2 datasets")
 
     # 6. a clear error
     how = []
     if name.d4rl:
-        d4rl_file = _d4rl_file_names(name)[0]
-        how.append(f"pass --dataset-path /path/to/{d4rl_file} (D4RL's file"
-                   + (f", http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{d4rl_file}"
-                      if name.family in LOCOMOTION_ENVS and name.env_id.endswith("-v2") else "") + ")")
-        how.append(f"put that file at {d4rl_dirs[0] / d4rl_file} (or point $D4RL_DATASET_DIR at its folder)")
+        d4rl_file = d4rl_files[0].name
+        if name.family in LOCOMOTION_ENVS and name.family != "ant" and name.env_id.endswith("-v2"):
+            how.append(f"on a machine with internet, `python -m common.datasets {name.env_id}` downloads D4RL's "
+                       f"file ({d4rl_url(name.env_id)}) to {d4rl_files[0]}; copy it to the same place here")
+        how.append(f"pass --dataset-path /path/to/{d4rl_file} (D4RL's file)")
+        how.append(f"put that file at {d4rl_files[0]} (or point $D4RL_DATASET_DIR at its folder)")
     if name.minari_id:
         how.append(f"run `minari download {name.minari_id}` on a machine with internet (pip install "
                    f"\"minari[hf]\") and copy ~/.minari/datasets/{name.minari_id} to {root / name.minari_id}")
@@ -782,43 +1175,133 @@ def _resolve(name: _Name, dataset_path, generate_steps, download, progress, seed
 
 def load_dataset(env_id: str, dataset_path: str | None = None, generate_steps: int = DEFAULT_GENERATE_STEPS,
                  download: bool = True, progress: bool = True, seed: int = 0) -> OfflineData:
-    """Resolve `env_id` (module docstring: explicit path, Minari cache, D4RL file, download, generation) and load
-    it as episodes with observation statistics, reference scores and a matching env factory."""
+    """Resolve `env_id` (module docstring: explicit path, on disk, D4RL download, Minari download, generation),
+    load it as episodes with observation statistics, reference scores and a matching env factory, and check it
+    (finite values, sizes, actions within the action space). Every failure is a `DatasetError` whose message is
+    one complete paragraph; Ctrl-C is a `DatasetInterrupted` (a `DatasetError`) after cleaning up."""
     name = _parse(env_id)
     if name.kind == "toy":
         if dataset_path is not None:
             raise DatasetError(f"'{env_id}' is a toy whose dataset is built in memory; drop --dataset-path.")
-        return _toy_data(name, seed)
+        data = _toy_data(name, seed)
+        _check_data(data)
+        return data
     if generate_steps < 1:
         raise DatasetError(f"generate_steps must be positive, got {generate_steps}.")
-    loaded = _resolve(name, dataset_path, int(generate_steps), download, progress, seed)
+    try:
+        _remove_stale_staging(_minari_root())
+        loaded = _resolve(name, dataset_path, int(generate_steps), download, progress, seed)
+        try:
+            data = _offline_data(name, loaded)
+            _check_data(data)
+        except DatasetError:
+            for path in loaded.created:  # a failed load leaves no cache entry behind
+                _remove(path)
+            raise
+        for write in loaded.on_success:
+            write()
+    except KeyboardInterrupt:
+        raise DatasetInterrupted(f"Interrupted (Ctrl-C) while loading the dataset '{env_id}', before any training; "
+                                 f"nothing half-written was left in the dataset caches.") from None
+    return data
 
+
+def _offline_data(name: _Name, loaded: _Loaded) -> OfflineData:
     spec = loaded.env_spec or _static_spec(name)
     if name.gym_id and spec.id != name.gym_id:
-        raise DatasetError(f"The dataset loaded for '{env_id}' ({loaded.source}) was recorded on {spec.id}, but "
-                           f"'{env_id}' is a {name.gym_id} dataset. Pass the matching --env-id or dataset.")
+        raise DatasetError(f"The dataset loaded for '{name.env_id}' ({loaded.source}) was recorded on {spec.id}, "
+                           f"but '{name.env_id}' is a {name.gym_id} dataset. Pass the matching --env-id or dataset.")
     ref_min, ref_max, source = loaded.ref_min_score, loaded.ref_max_score, loaded.source
     if ref_min is None or ref_max is None:
         ref_min, ref_max = _table_ref(name.family, name.kind)
         if ref_min is not None and not name.d4rl:
             source += f"; not D4RL's data, normalised with D4RL's {name.family} reference scores"
+    _check_finite(name.env_id, source, loaded.episodes)
     obs = np.concatenate([e.observations for e in loaded.episodes])
-    data = OfflineData(env_id, spec.id, name.family, name.kind, loaded.episodes,
+    data = OfflineData(name.env_id, spec.id, name.family, name.kind, loaded.episodes,
                        obs.mean(0, dtype=np.float64).astype(np.float32),
                        (obs.std(0, dtype=np.float64) + 1e-6).astype(np.float32),
                        None if ref_min is None else float(ref_min), None if ref_max is None else float(ref_max),
                        source, spec)
     del obs
-    _check_shapes(data)
     return data
 
 
-def _check_shapes(data: OfflineData) -> None:
+# --- checks ----------------------------------------------------------------------------------------------
+def _step_of(episodes: list[Episode], step: int) -> str:
+    lengths = np.fromiter((len(e.rewards) for e in episodes), dtype=np.int64, count=len(episodes))
+    ep = int(np.searchsorted(np.cumsum(lengths), step, side="right"))
+    return f"step {step} (episode {ep}, its step {step - int(lengths[:ep].sum())})"
+
+
+def _check_finite(env_id: str, source: str, episodes: list[Episode]) -> None:
+    """Every observation, next observation, action and reward must be finite (a NaN makes every loss NaN)."""
+    for key in ("observations", "next_observations", "actions", "rewards"):
+        values = np.concatenate([getattr(e, key) for e in episodes])
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise DatasetError(
+                f"The dataset '{env_id}' ({source}) has non-finite {key} (NaN or +-inf) at {int(bad.sum())} of its "
+                f"{len(bad)} steps; the first is {_step_of(episodes, first)}, counting steps from 0 over the loaded "
+                f"episodes (the row in a D4RL file). Training on it would turn every loss into NaN, so nothing was "
+                f"trained. Fix or remove those steps in the data, or use another dataset.")
+
+
+def _action_tolerance() -> float:
+    text = os.environ.get("ONLINE_DT_ACTION_TOLERANCE", "").strip()
+    if not text:
+        return ACTION_TOLERANCE
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and np.isfinite(value)):
+        raise DatasetError(f"ONLINE_DT_ACTION_TOLERANCE must be a non-negative number, got {text!r}.")
+    return value
+
+
+def _fmt_bounds(values: np.ndarray) -> str:
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return f"{values[0]:g}" if np.all(values == values[0]) else "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def _check_data(data: OfflineData) -> None:
+    """Sizes against the env, then actions against its action space (within the tolerance; clipped inside it)."""
     env = data.make_env()
     try:
         env_obs, env_act = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+        space = env.action_space
     finally:
         env.close()
+    _check_shapes(data, env_obs, env_act)
+    if not isinstance(space, gym.spaces.Box):
+        return
+    tolerance = _action_tolerance()
+    low = np.broadcast_to(space.low, space.shape).reshape(-1).astype(np.float64)
+    high = np.broadcast_to(space.high, space.shape).reshape(-1).astype(np.float64)
+    actions = np.concatenate([e.actions for e in data.episodes]).reshape(-1, env_act)
+    outside = (actions < low - tolerance) | (actions > high + tolerance)
+    if outside.any():
+        steps = outside.any(axis=1)
+        first = int(np.argmax(steps))
+        worst = float(np.max(np.maximum(low - actions, actions - high)))
+        raise DatasetError(
+            f"The dataset '{data.env_id}' ({data.source}) has actions outside the action space of {data.gym_id} "
+            f"(low {_fmt_bounds(low)}, high {_fmt_bounds(high)}) by more than the tolerance {tolerance:g}: "
+            f"{int(outside.sum())} values at {int(steps.sum())} of its {len(steps)} steps, the first at "
+            f"{_step_of(data.episodes, first)} (action {np.array2string(actions[first], precision=3)}), the "
+            f"farthest {worst:.4g} outside. The policy can only output actions inside the bounds, so it cannot "
+            f"imitate this data: the data was recorded with another action scaling or on another env. Rescale or "
+            f"clip the actions in the data, or use the --env-id of the env it was recorded on (values up to "
+            f"{tolerance:g} outside are accepted and clipped; set ONLINE_DT_ACTION_TOLERANCE to accept more).")
+    if ((actions < low) | (actions > high)).any():  # within the tolerance: clip, so the bounds hold exactly
+        for e in data.episodes:
+            np.clip(e.actions, low.astype(np.float32).reshape(1, -1), high.astype(np.float32).reshape(1, -1),
+                    out=e.actions)
+
+
+def _check_shapes(data: OfflineData, env_obs: int, env_act: int) -> None:
     if (data.obs_dim, data.act_dim) == (env_obs, env_act):
         return
     msg = (f"The dataset for '{data.env_id}' ({data.source}) does not fit its environment {data.gym_id}: the data "
@@ -844,7 +1327,18 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-download", action="store_true", help="never try a Minari download")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="print every accepted D4RL-style and toy name")
+    parser.add_argument("--download-all", action="store_true",
+                        help=f"download D4RL's locomotion files the papers use ({', '.join(PAPER_D4RL)}) into "
+                             f"$D4RL_DATASET_DIR (default ~/.d4rl/datasets); --kinds / --families choose others")
+    parser.add_argument("--kinds", nargs="+", choices=LOCOMOTION_KINDS, metavar="KIND",
+                        help=f"with --download-all: these kinds ({', '.join(LOCOMOTION_KINDS)}) for every family")
+    parser.add_argument("--families", nargs="+", choices=tuple(LOCOMOTION_ENVS), metavar="FAMILY",
+                        help=f"with --download-all: these families ({', '.join(LOCOMOTION_ENVS)})")
     args = parser.parse_args(argv)
+    if args.download_all:
+        return _download_all(args.kinds, args.families, progress=not args.no_progress)
+    if args.kinds or args.families:
+        parser.error("--kinds and --families go with --download-all")
     if args.list or args.env_id is None:
         print("\n".join(known_env_ids()))
         return 0
@@ -852,6 +1346,9 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.steps,
                             download=not args.no_download, progress=not args.no_progress, seed=args.seed)
+    except DatasetInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -867,6 +1364,48 @@ def _main(argv: list[str] | None = None) -> int:
           f"(reference min {data.ref_min_score}, max {data.ref_max_score})\n"
           f"  source: {data.source}\n  ready in {time.time() - t0:.1f} s")
     return 0
+
+
+def _download_all(kinds: list[str] | None, families: list[str] | None, progress: bool) -> int:
+    """Fetch D4RL's locomotion v2 files; print one line per name (fetched / skipped / failed) and a summary."""
+    if kinds is None and families is None:
+        names = list(PAPER_D4RL)
+    else:
+        names = [f"{f}-{k}-v2" for f in (families or [f for f in LOCOMOTION_ENVS if f != "ant"])
+                 for k in (kinds or LOCOMOTION_KINDS)]
+    print(f"D4RL locomotion files into {_d4rl_dir()} from {_d4rl_url_base() or 'nowhere (D4RL_DATASET_URL=off)'}")
+    counts = {"fetched": 0, "skipped": 0, "failed": 0}
+    for i, env_id in enumerate(names):
+        name = _parse(env_id)
+        target = _d4rl_dir() / _d4rl_file_names(name)[0]
+        why = _d4rl_download_skip(name)
+        if why is None and target.is_file():
+            bad = _verify_d4rl_file(target)
+            status, line = (("skipped", f"already there ({target})") if bad is None else
+                            ("failed", f"{target} is there but not a D4RL file ({bad}); delete it and run again"))
+        elif why is not None:
+            status, line = "skipped", why
+        else:
+            t0 = time.time()
+            try:
+                path = download_d4rl(env_id, progress)
+            except DatasetInterrupted as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 130
+            except D4RLDownloadError as err:
+                status, line = "failed", str(err)
+                if err.offline:
+                    counts["failed"] += len(names) - i - 1
+                    line += f" - offline, so the other {len(names) - i - 1} were not tried"
+                    print(f"  {status:8s} {env_id}: {line}", flush=True)
+                    counts[status] += 1
+                    break
+            else:
+                status, line = "fetched", f"{path} ({_size(path.stat().st_size)}, {time.time() - t0:.0f} s)"
+        counts[status] += 1
+        print(f"  {status:8s} {env_id}: {line}", flush=True)
+    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 2 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

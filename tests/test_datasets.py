@@ -29,6 +29,7 @@ def isolate(monkeypatch, root: Path) -> Path:
     monkeypatch.setenv("D4RL_DATASET_DIR", str(root / "d4rl"))
     monkeypatch.setenv("HOME", str(root / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("D4RL_DATASET_URL", "off")  # no D4RL download (tests/test_download.py covers it)
     return root
 
 
@@ -154,11 +155,14 @@ def test_local_minari_cache_hit_and_reference_scores(caches, generated):
 
 
 # --- 3. D4RL directory ---------------------------------------------------------------------------------------
-def test_d4rl_dir_hit(caches):
-    write_d4rl(caches / "d4rl" / "hopper_medium-replay-v2.hdf5")
+@pytest.mark.parametrize("file", ["hopper_medium_replay-v2.hdf5", "hopper_medium-replay-v2.hdf5"])
+def test_d4rl_dir_hit(caches, file):
+    """D4RL's own file name (`_` for every `-` of the kind), and the older one-underscore spelling."""
+    write_d4rl(caches / "d4rl" / file)
     data = load_dataset("hopper-medium-replay-v2", progress=False)
-    assert data.source.startswith("D4RL file") and "hopper_medium-replay-v2.hdf5" in data.source
+    assert data.source.startswith("D4RL file") and file in data.source
     assert len(data.episodes) == len(LENGTHS)
+    assert datasets._d4rl_file_names(datasets._parse("hopper-medium-replay-v2"))[0] == "hopper_medium_replay-v2.hdf5"
 
 
 def test_d4rl_dir_defaults_to_home(caches, monkeypatch):
@@ -220,9 +224,10 @@ def test_missing_dataset_lists_every_branch(caches):
     with pytest.raises(DatasetError) as info:
         load_dataset("hopper-medium-v2", progress=False)
     msg = str(info.value)
-    for part in ("'hopper-medium-v2'", "1. --dataset-path", "2. Minari cache", "3. D4RL file: no file at",
-                 str(caches / "d4rl" / "hopper_medium-v2.hdf5"), "4. Minari download", "5. local generation",
-                 "--dataset-path /path/to/hopper_medium-v2.hdf5", "mujoco/hopper/medium-v0"):
+    for part in ("'hopper-medium-v2'", "1. --dataset-path", "2. on disk: no D4RL file at",
+                 str(caches / "d4rl" / "hopper_medium-v2.hdf5"), "3. D4RL download: disabled (D4RL_DATASET_URL=off)",
+                 "4. Minari download", "5. local generation", "--dataset-path /path/to/hopper_medium-v2.hdf5",
+                 "gym_mujoco_v2/hopper_medium-v2.hdf5", "mujoco/hopper/medium-v0"):
         assert part in msg, (part, msg)
 
 
@@ -295,7 +300,7 @@ def test_minari_dict_observations_are_flattened(caches):
             g.create_dataset("rewards", data=np.zeros(t))
             g.create_dataset("terminations", data=np.eye(t, dtype=bool)[-1] if i == 0 else np.zeros(t, bool))
             g.create_dataset("truncations", data=np.zeros(t, bool))
-    episodes, meta = datasets._read_minari(folder.parent, progress=False)
+    episodes, meta, _ = datasets._read_minari(folder.parent, progress=False)
     assert [len(e.rewards) for e in episodes] == list(lengths)
     assert episodes[0].observations.shape == (4, 29)  # concat(observation, desired_goal)
     np.testing.assert_array_equal(episodes[1].observations[0, 27:], [7.0, 7.0])
