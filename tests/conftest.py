@@ -87,7 +87,7 @@ def has_checkpoint(runs: Path) -> bool:
 def run_and_interrupt(script: str, *args: str, cwd: Path, env: dict[str, str],
                       ready: Callable[[Path], bool] = has_checkpoint, timeout: float = 240) -> str:
     """Start `python <repo>/<script> args...` in `cwd`, press Ctrl-C (SIGINT) once `ready(cwd / "runs")`,
-    check that the script exits 0 after checkpointing and return its stdout."""
+    check that the script exits 3 (stopped, resumable) after checkpointing and return its stdout."""
     proc = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
@@ -99,7 +99,7 @@ def run_and_interrupt(script: str, *args: str, cwd: Path, env: dict[str, str],
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 3, err
     return out
 
 
