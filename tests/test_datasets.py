@@ -7,7 +7,11 @@ never read or written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from gymnasium.envs.registration import EnvSpec
 from common import datasets
 from common.datasets import DatasetError, known_env_ids, load_dataset, make_env
 from common.toys import ag_reward, vitamin_reward
+from conftest import REPO, TINY_MODEL, assert_clear_error, run_script
 
 GEN_STEPS = 3000
 
@@ -393,3 +398,234 @@ def test_cli(caches, capsys):
     assert datasets._main(["hopper-expert-v2", "--no-download", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Could not find the offline dataset 'hopper-expert-v2'") and "Traceback" not in err
+
+
+# --- checks at load: bad data ends with one clear error before any training ------------------------------------
+def minari_copy(generated: Path, root: Path) -> Path:
+    """A copy of the generated dataset under the Minari id mujoco/hopper/medium-v0 in `root`'s cache."""
+    target = root / "minari" / "mujoco" / "hopper" / "medium-v0"
+    shutil.copytree(generated, target)
+    (target / "data" / datasets.FLAT_CACHE).unlink(missing_ok=True)
+    return target
+
+
+def spoil_minari(folder: Path, episode: int, key: str, value: float) -> None:
+    with h5py.File(folder / "data" / "main_data.hdf5", "r+") as f:
+        f[f"episode_{episode}/{key}"][1] = value
+
+
+@pytest.mark.parametrize("source", ["d4rl-path", "d4rl-dir", "minari"])
+@pytest.mark.parametrize("key", ["rewards", "observations", "actions"])
+def test_non_finite_values_are_refused(caches, generated, source, key):
+    """Every source: the field, the number of bad steps and the first one are named; a Minari folder gets no
+    derived cache from a failed load."""
+    bad = {"rewards": np.nan, "observations": np.inf, "actions": np.nan}[key]
+    if source == "minari":
+        folder = minari_copy(generated, caches)
+        spoil_minari(folder, 2, key, bad)
+        episodes = datasets._read_minari(generated, progress=False)[0]
+        first = sum(len(e.rewards) for e in episodes[:2]) + 1
+        kwargs = {"env_id": "mujoco/hopper/medium-v0"}
+    else:
+        path = caches / ("d4rl/hopper_medium-v2.hdf5" if source == "d4rl-dir" else "files/bad.hdf5")
+        n = sum(LENGTHS) + REMAINDER
+        arrays = {"rewards": np.zeros(n, np.float32), "observations": np.zeros((n, 11), np.float32),
+                  "actions": np.zeros((n, 3), np.float32)}
+        arrays[key][[6, 7, 13]] = bad  # 13: in the dropped remainder, not counted
+        write_d4rl(path, **{key: arrays[key]})
+        first = 6
+        kwargs = {"env_id": "hopper-medium-v2", "dataset_path": str(path) if source == "d4rl-path" else None}
+    with pytest.raises(DatasetError) as info:
+        load_dataset(**kwargs, progress=False)
+    msg = str(info.value)
+    assert f"non-finite {key} (NaN or +-inf) at {1 if source == 'minari' else 2} of its" in msg, msg
+    assert f"the first is step {first} (episode" in msg and "nothing was trained" in msg, msg
+    if source == "minari":
+        assert not (folder / "data" / datasets.FLAT_CACHE).exists()  # a failed load writes no derived cache
+
+
+def test_non_finite_next_observations_are_refused(caches):
+    path = caches / "files" / "bad_next.hdf5"
+    n = sum(LENGTHS) + REMAINDER
+    next_obs = np.zeros((n, 11), np.float32)
+    next_obs[3, 4] = np.nan
+    write_d4rl(path, next_observations=next_obs)
+    with pytest.raises(DatasetError, match=r"non-finite next_observations .* at 1 of its 12 steps; the first is "
+                                           r"step 3 \(episode 0, its step 3\)"):
+        load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+
+
+def test_nan_rewards_through_cli(caches, data_env):
+    """The issue's row: NaN rewards end with exit 2 and one paragraph, no traceback, no training."""
+    path = caches / "files" / "nan.hdf5"
+    n = sum(LENGTHS) + REMAINDER
+    rewards = np.ones(n, np.float32)
+    rewards[4] = np.nan
+    write_d4rl(path, rewards=rewards)
+    env = {**data_env, "MINARI_DATASETS_PATH": str(caches / "minari"), "D4RL_DATASET_DIR": str(caches / "d4rl"),
+           "D4RL_DATASET_URL": "off"}
+    result = subprocess.run([sys.executable, "-m", "common.datasets", "hopper-medium-v2", "--dataset-path", str(path)],
+                            cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert_clear_error(result, "non-finite rewards (NaN or +-inf) at 1 of its 12 steps; the first is step 4")
+    run = caches / "run"
+    run.mkdir()
+    result = run_script("odt.py", "--env-id", "hopper-medium-v2", "--dataset-path", str(path), *TINY_MODEL,
+                        cwd=run, env=env, check=False, timeout=120)
+    assert_clear_error(result, "non-finite rewards (NaN or +-inf)")
+    assert not list(run.glob("runs/*/metrics.jsonl")), "training started on NaN rewards"
+
+
+@pytest.mark.parametrize("source", ["d4rl", "minari"])
+def test_actions_outside_the_action_space_are_refused(caches, generated, source):
+    if source == "minari":
+        folder = minari_copy(generated, caches)
+        spoil_minari(folder, 0, "actions", 5.0)
+        kwargs = {"env_id": "mujoco/hopper/medium-v0"}
+    else:
+        path = caches / "files" / "big_actions.hdf5"
+        n = sum(LENGTHS) + REMAINDER
+        write_d4rl(path, actions=np.linspace(-5, 5, n * 3, dtype=np.float32).reshape(n, 3))
+        kwargs = {"env_id": "hopper-medium-v2", "dataset_path": str(path)}
+    with pytest.raises(DatasetError) as info:
+        load_dataset(**kwargs, progress=False)
+    msg = str(info.value)
+    for part in ("actions outside the action space of Hopper-v5 (low -1, high 1)", "the tolerance 0.001",
+                 "the first at step ", "ONLINE_DT_ACTION_TOLERANCE"):
+        assert part in msg, (part, msg)
+    if source == "minari":
+        assert "the first at step 1 (episode 0, its step 1)" in msg and "4 outside" in msg, msg
+
+
+def test_actions_at_the_bounds_and_within_the_tolerance_are_accepted(caches, monkeypatch):
+    path = caches / "files" / "edge_actions.hdf5"
+    n = sum(LENGTHS) + REMAINDER
+    actions = np.zeros((n, 3), np.float32)
+    actions[0] = [-1.0, 1.0, 1.0005]  # D4RL's data sits exactly at +-1; 5e-4 outside is within the tolerance
+    actions[1] = [0.5, -1.0009, 0.0]
+    write_d4rl(path, actions=actions)
+    data = load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+    np.testing.assert_array_equal(data.episodes[0].actions[:2], [[-1, 1, 1], [0.5, -1, 0]])  # clipped into bounds
+    actions[2] = [0.0, 0.0, -1.5]
+    write_d4rl(path, actions=actions)
+    with pytest.raises(DatasetError, match="the tolerance 0.001: 1 values at 1 of its 12 steps, the first at step 2"):
+        load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+    monkeypatch.setenv("ONLINE_DT_ACTION_TOLERANCE", "0.6")
+    assert load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False).episodes[0].actions[2, 2] == -1
+    monkeypatch.setenv("ONLINE_DT_ACTION_TOLERANCE", "lots")
+    with pytest.raises(DatasetError, match="ONLINE_DT_ACTION_TOLERANCE must be a non-negative number"):
+        load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+
+
+def test_generated_dataset_failing_its_checks_is_removed(caches, monkeypatch):
+    def spoiled(env_id, source, episodes):
+        raise DatasetError("spoiled on purpose")
+
+    monkeypatch.setattr(datasets, "_check_finite", spoiled)
+    with pytest.raises(DatasetError, match="spoiled on purpose"):
+        load_dataset("hopper-random-v2", generate_steps=1000, progress=False)
+    assert not (caches / "minari" / "generated" / "hopper" / "random-1000-v2").exists()
+    assert not list((caches / "minari").glob(".staging*"))
+
+
+# --- cache folders: writability first, nothing half-written survives ----------------------------------------------
+def cli_env(root: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "MINARI_DATASETS_PATH": str(root / "minari"), "D4RL_DATASET_DIR": str(root / "d4rl"),
+            "HOME": str(root / "home"), "HF_HUB_OFFLINE": "1", "D4RL_DATASET_URL": "off", "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.parametrize("how", ["file-in-the-way", "read-only"])
+def test_unwritable_minari_cache_fails_fast_before_generating(caches, monkeypatch, how):
+    if how == "file-in-the-way":  # works as root too: nothing can be created below a regular file
+        (caches / "blocker").write_text("a file, not a folder")
+        root = caches / "blocker" / "minari"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        root = caches / "readonly"
+        root.mkdir()
+        root.chmod(0o555)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    monkeypatch.setattr(datasets, "_collect_and_write", lambda *a: pytest.fail("generation started"))
+    start = time.time()
+    with pytest.raises(DatasetError) as info:
+        load_dataset("hopper-random-v2", generate_steps=GEN_STEPS, progress=False)
+    assert time.time() - start < 1.0
+    msg = str(info.value)
+    assert f"the Minari cache folder {root} (MINARI_DATASETS_PATH) is not writable" in msg, msg
+    assert "Nothing was generated" in msg and "export MINARI_DATASETS_PATH=" in msg
+
+
+def test_unwritable_minari_cache_through_cli(caches):
+    (caches / "blocker").write_text("a file, not a folder")
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "common.datasets", "hopper-random-v2"], cwd=REPO,
+                            env=cli_env(caches, MINARI_DATASETS_PATH=str(caches / "blocker" / "minari")),
+                            capture_output=True, text=True, timeout=60)
+    assert time.time() - start < 10  # the process start-up (imports) included; the check itself is instant
+    assert_clear_error(result, "is not writable")
+    assert "generating" not in result.stderr and "Nothing was generated" in result.stderr
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(caches):
+    root = caches / "minari"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = datasets._HOST
+    folders = {
+        f".staging-{dead.pid}-{host}-generated_hopper_random-v2": False,  # dead here: removed
+        f".staging-generated_hopper_random-v2-{dead.pid}": False,  # the older naming, dead: removed
+        f".staging-{os.getpid()}-{host}-generated_hopper_random-v2": True,  # alive: kept
+        f".staging-{dead.pid}-otherhost-generated_hopper_random-v2": True,  # another host's: kept
+    }
+    for name in folders:
+        (root / name / "generated").mkdir(parents=True)
+        (root / name / "generated" / "junk.hdf5").write_bytes(b"x" * 100)
+    result = subprocess.run([sys.executable, "-m", "common.datasets", "hopper-medium-v2"], cwd=REPO,
+                            env=cli_env(caches), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2  # any start, even one that fails, cleans up
+    for name, kept in folders.items():
+        assert (root / name).exists() == kept, name
+
+
+def start_generation(root: Path, steps: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "common.datasets", "hopper-random-v2", "--steps", str(steps),
+                             "--no-progress"], cwd=REPO, env=cli_env(root), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_staging(proc: subprocess.Popen, root: Path, timeout: float = 60) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = [p for p in (root / "minari").glob(".staging-*") if (p / "generated").exists()]
+        if found:
+            return found[0]
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no staging folder appeared: {proc.communicate()}")
+
+
+def test_kill_9_while_writing_leaves_nothing_after_the_next_start(caches):
+    proc = start_generation(caches, 6000)
+    staging = wait_for_staging(proc, caches)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert staging.exists()  # what kill -9 leaves ...
+    assert staging.name.startswith(f".staging-{proc.pid}-")
+    result = subprocess.run([sys.executable, "-m", "common.datasets", "hopper-medium-v2"], cwd=REPO,
+                            env=cli_env(caches), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert not staging.exists()  # ... does not survive the next start
+    assert not (caches / "minari" / "generated" / "hopper" / "random-6000-v2").exists()
+
+
+def test_ctrl_c_during_generation_ends_cleanly_and_caches_nothing(caches):
+    proc = start_generation(caches, 6000)
+    wait_for_staging(proc, caches)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted (Ctrl-C) while generating 'hopper-random-v2': nothing was cached" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert not list((caches / "minari").glob(".staging*"))
+    assert not (caches / "minari" / "generated" / "hopper" / "random-6000-v2").exists()
