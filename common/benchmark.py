@@ -37,6 +37,7 @@ seconds, and submitit requeues the task, which continues the run with `--resume`
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -88,7 +89,9 @@ class Run:
                 "--exp-name", self.variant, *self.flags]
 
     def resume_command(self, folder: Path, python: str = sys.executable, scripts_dir: Path = REPO) -> list[str]:
-        return [python, str(scripts_dir / self.script), "--resume", str(folder)]
+        # a resumed run takes its saved configuration; only the display flag is read from the command line
+        quiet = ["--no-progress"] if "--no-progress" in self.flags else []
+        return [python, str(scripts_dir / self.script), "--resume", str(folder), *quiet]
 
 
 @dataclass
@@ -488,9 +491,10 @@ class SweepTask:
         proc = self._proc
         if proc is not None:
             print(f"[task] {run.name}: preempted or timing out; stopping the script so it checkpoints", flush=True)
+            t0 = time.time()
             try:
                 os.kill(proc.pid, signal.SIGTERM)
-                deadline = time.time() + self.stop_timeout_s
+                deadline = t0 + self.stop_timeout_s
                 # waitid(WNOWAIT) peeks without reaping, so it cannot race with the poll() loop in __call__
                 while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                     if time.time() > deadline:  # the last periodic checkpoint is still there to resume from
@@ -500,22 +504,27 @@ class SweepTask:
             except (ProcessLookupError, ChildProcessError):
                 pass
             _marker(Path(self.results), run, "running").unlink(missing_ok=True)
-            print(f"[task] {run.name}: stopped; requeueing to continue with --resume", flush=True)
+            code = proc.poll()
+            print(f"[task] {run.name}: script stopped {time.time() - t0:.1f} s after SIGTERM (exit {code}); "
+                  f"requeueing to continue with --resume", flush=True)
         return submitit.helpers.DelayedSubmission(SweepTask(self.results, self.threads, self.scripts_dir,
                                                             self.stop_timeout_s, self.compact), run)
 
 
-def _minutes(text: str) -> int:
-    """Slurm time formats: MM, HH:MM:SS, D-HH[:MM[:SS]]."""
+def _minutes(text: str) -> float:
+    """Slurm time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS → minutes (fractions kept)."""
     try:
         days, _, rest = text.rpartition("-")
         parts = [int(p) for p in rest.split(":")]
-        if len(parts) == 1 and not days:
-            minutes = parts[0]
+        if days:
+            h, m, sec = (parts + [0, 0])[:3]
+        elif len(parts) == 3:
+            h, m, sec = parts
         else:
-            parts = (parts + [0, 0])[:3] if days else ([0] * (3 - len(parts)) + parts)
-            minutes = parts[0] * 60 + parts[1] + (1 if parts[2] else 0)
-        return int(days or 0) * 1440 + minutes
+            h, m, sec = 0, parts[0], (parts[1] if len(parts) > 1 else 0)
+        if len(parts) > 3 or min(parts) < 0:
+            raise ValueError(text)
+        return int(days or 0) * 1440 + h * 60 + m + sec / 60
     except ValueError as exc:
         raise SweepError(f"--time {text!r}: use minutes (90), HH:MM:SS (24:00:00) or D-HH:MM:SS.") from exc
 
@@ -525,38 +534,41 @@ def make_executor(backend: str, results: Path, args: argparse.Namespace):
         import submitit
     except ModuleNotFoundError as exc:
         raise SweepError("the slurm backends need submitit: pip install -e \".[benchmark]\".") from exc
-    folder = results / "submitit" / "%j"
     if backend == "slurm":
         if shutil.which("sbatch") is None:
             raise SweepError("--backend slurm: sbatch is not on PATH (not a Slurm login node?). Use --backend "
                              "local here, or --backend submitit-local to try the Slurm code path without Slurm.")
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
-    else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=args.max_requeues)
-    params: dict = dict(timeout_min=_minutes(args.time), cpus_per_task=args.cpus_per_task or args.threads_per_run,
-                        name=f"sweep-{results.name}")
+        executor = submitit.AutoExecutor(folder=results / "submitit" / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=args.max_requeues)
+    else:  # submitit's local executor: same pickling, signals and requeue logic, processes on this machine
+        executor = submitit.LocalExecutor(folder=results / "submitit", max_num_timeout=args.max_requeues)
+        params = dict(timeout_min=_minutes(args.time), signal_delay_s=args.signal_delay)
+        if args.gpus:
+            params["gpus_per_node"] = args.gpus
+        executor.update_parameters(**params)
+        return executor
+    params: dict = dict(timeout_min=math.ceil(_minutes(args.time)),
+                        cpus_per_task=args.cpus_per_task or args.threads_per_run,
+                        name=f"sweep-{results.name}", slurm_signal_delay_s=args.signal_delay,
+                        slurm_array_parallelism=args.workers)
     if args.mem is not None:
         params["mem_gb"] = args.mem
     if args.gpus:
         params["gpus_per_node"] = args.gpus
-    if backend == "slurm":
-        params.update(slurm_signal_delay_s=args.signal_delay, slurm_array_parallelism=args.workers)
-        for key, value in (("partition", args.partition), ("account", args.account), ("qos", args.qos),
-                           ("constraint", args.constraint)):
-            if value:
-                params[f"slurm_{key}"] = value
-        if args.setup:
-            params["slurm_setup"] = args.setup
-        extra = {}
-        for item in args.slurm_extra:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SweepError(f"--slurm-extra {item!r}: use KEY=VALUE, e.g. --slurm-extra exclude=node3.")
-            extra[key] = value
-        if extra:
-            params["slurm_additional_parameters"] = extra
-    else:
-        params["local_signal_delay_s"] = args.signal_delay
+    for key, value in (("partition", args.partition), ("account", args.account), ("qos", args.qos),
+                       ("constraint", args.constraint)):
+        if value:
+            params[f"slurm_{key}"] = value
+    if args.setup:
+        params["slurm_setup"] = args.setup
+    extra = {}
+    for item in args.slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SweepError(f"--slurm-extra {item!r}: use KEY=VALUE, e.g. --slurm-extra exclude=node3.")
+        extra[key] = value
+    if extra:
+        params["slurm_additional_parameters"] = extra
     executor.update_parameters(**params)
     return executor
 
