@@ -876,7 +876,7 @@ def _d4rl_download_skip(name: _Name, generate_steps: int = DEFAULT_GENERATE_STEP
 def _verify_d4rl_file(path: Path) -> str | None:
     """Why `path` is not a complete D4RL locomotion file (None: it is): readable HDF5, D4RL's keys, equal lengths."""
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:  # HDF5's own flock would clash with the .part file's lock
             missing = [k for k in D4RL_REQUIRED_KEYS if k not in f]
             if missing:
                 return f"it lacks the keys {missing} (found {sorted(f.keys())[:12]})"
@@ -954,7 +954,7 @@ def download_d4rl(env_id: str, progress: bool = True) -> Path:
                                    unit_scale=True, unit_divisor=1024, disable=not progress, mininterval=1.0)
                     bar.n = start
                     try:
-                        while chunk := response.read(1 << 20):
+                        while chunk := response.read1(1 << 20):  # what has arrived, up to 1 MiB
                             fh.write(chunk)
                             start += len(chunk)
                             bar.update(len(chunk))
