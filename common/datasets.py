@@ -896,14 +896,15 @@ def _size(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**20:.1f} MB"
 
 
-def download_d4rl(env_id: str, progress: bool = True) -> Path:
+def download_d4rl(env_id: str, progress: bool = True, wait: bool = True) -> Path:
     """Download D4RL's own `.hdf5` for a locomotion v2 name into `$D4RL_DATASET_DIR` (default `~/.d4rl/datasets`)
     and return its path (at once if it is already there). The bytes go to `<file>.part`, locked while written;
     a broken connection is resumed with an HTTP Range request (up to `D4RL_DOWNLOAD_ATTEMPTS` times in a row
     without progress, and again by the next call); the size must match the server's Content-Length and the file
     D4RL's keys, else it is removed; then it is renamed into place. Nothing is created before the server answers.
-    Raises `D4RLDownloadError` (`.offline` when the server could not be reached) or `DatasetInterrupted` on
-    Ctrl-C (the .part file is kept for the next call)."""
+    If another process is downloading the same file, this waits for it (`wait`) or raises. Raises
+    `D4RLDownloadError` (`.offline` when the server could not be reached) or `DatasetInterrupted` on Ctrl-C (the
+    .part file is kept for the next call)."""
     name = _parse(env_id)
     why = _d4rl_download_skip(name)
     if why is not None:
@@ -921,7 +922,9 @@ def download_d4rl(env_id: str, progress: bool = True) -> Path:
     fh = bar = None
     try:
         if part.is_file():  # resume what an earlier attempt left (locked first: it may still be writing)
-            fh = _open_locked(part)
+            fh = _open_locked(part, wait)
+            if target.is_file():  # the other process finished it while we waited
+                return target
         start = part.stat().st_size if fh else 0
         failures, reason, connected = 0, "", False
         while True:
@@ -944,7 +947,7 @@ def download_d4rl(env_id: str, progress: bool = True) -> Path:
                     start, total = _start_and_total(response, start)
                     if fh is None:
                         folder.mkdir(parents=True, exist_ok=True)
-                        fh = _open_locked(part)
+                        fh = _open_locked(part, wait)
                         if target.is_file():  # another process finished it meanwhile
                             return target
                     fh.truncate(start)
@@ -964,6 +967,7 @@ def download_d4rl(env_id: str, progress: bool = True) -> Path:
                         reason = "the server closed the connection early"
                     fh.flush()
                 if total is None or start >= total:
+                    bar.close()
                     if total is not None and start != total:
                         raise _Stop(f"{_size(start)} were received where the server announced {_size(total)}")
                     break
@@ -999,20 +1003,38 @@ def download_d4rl(env_id: str, progress: bool = True) -> Path:
             fh.close()
 
 
-def _open_locked(part: Path):
-    """`part` opened for appending, with an exclusive lock (released by close or by the process's death)."""
-    fh = open(part, "ab")  # noqa: SIM115 - the caller closes it
+def _open_locked(part: Path, wait: bool):
+    """`part` opened for appending, with an exclusive lock (released by close or by the process's death). A lock
+    held by another process is waited for (`wait`) or is an error; a file renamed or removed while we waited is
+    reopened, so the lock is always on the file that `part` names."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; concurrent downloads of one file are the user's business
-        return fh
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        return open(part, "ab")  # noqa: SIM115 - the caller closes it
+    announced = False
+    while True:
+        fh = open(part, "ab")  # noqa: SIM115 - the caller closes it
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if not wait:
+                    raise D4RLDownloadError(f"another process is downloading {part.name} right now ({part} is "
+                                            f"locked); wait for it to finish and run again") from None
+                if not announced:
+                    print(f"common.datasets: another process is downloading {part.name}; waiting for it",
+                          file=sys.stderr, flush=True)
+                    announced = True
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if os.path.samestat(os.fstat(fh.fileno()), part.stat()):
+                    return fh
+            except OSError:
+                pass
+        except BaseException:
+            fh.close()
+            raise
         fh.close()
-        raise D4RLDownloadError(f"another process is downloading {part.name} right now ({part} is locked); wait for "
-                                f"it to finish and run again") from None
-    return fh
 
 
 def _open_d4rl(url: str, start: int):

@@ -7,6 +7,7 @@ latest. Nothing here touches the network beyond the loopback interface or the re
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
@@ -279,20 +280,36 @@ def test_downloaded_file_failing_the_checks_is_removed(caches, server):
     assert not (caches / "d4rl" / name).exists()
 
 
-def test_http_error_and_a_download_in_progress_elsewhere(caches, server):
+def test_http_error(caches, server):
     with pytest.raises(DatasetError, match=r"3\. D4RL download: .*hopper_expert-v2.hdf5 answered HTTP 404"):
         load_dataset("hopper-expert-v2", progress=False)
     assert not (caches / "d4rl").exists()
-    name = serve(server)
-    (caches / "d4rl").mkdir()
-    import fcntl
-
-    with open(caches / "d4rl" / f"{name}.part", "ab") as other:  # another process holds the lock
-        fcntl.flock(other, fcntl.LOCK_EX)
-        with pytest.raises(D4RLDownloadError, match="another process is downloading"):
-            download_d4rl("hopper-medium-v2", progress=False)
-    assert (caches / "d4rl" / f"{name}.part").exists()  # not removed from under its owner
     assert server.requests == [("/d4rl/hopper_expert-v2.hdf5", None)]
+
+
+def test_a_download_in_progress_elsewhere_is_waited_for(caches, server):
+    """Concurrent runs (a sweep's workers) share one download: the .part file is locked while written."""
+    name = serve(server)
+    folder = caches / "d4rl"
+    folder.mkdir()
+    part = folder / f"{name}.part"
+    other = open(part, "ab")  # another process, mid-download, holds the lock
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(D4RLDownloadError, match="another process is downloading"):
+        download_d4rl("hopper-medium-v2", progress=False, wait=False)
+    assert part.exists()  # not removed from under its owner
+
+    def finish():  # the other process completes: renames its file into place, then releases the lock
+        time.sleep(0.3)
+        (folder / name).write_bytes(PAYLOAD)
+        part.unlink()
+        other.close()
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    assert download_d4rl("hopper-medium-v2", progress=False) == folder / name
+    thread.join()
+    assert server.requests == [] and sorted(p.name for p in folder.iterdir()) == [name]
 
 
 def test_offline_falls_through_fast_with_the_clear_message(caches, monkeypatch):
