@@ -19,7 +19,8 @@
    against D4RL's keys before it is renamed into place, and a bad file is removed. Offline it costs nothing:
    a failed name lookup is immediate, a connection gets `D4RL_CONNECT_TIMEOUT` (10 s), and the resolution
    goes on. Not for `ant-*` (D4RL's 111-dim Ant files cannot run on Ant-v5) nor for a `*-random-v2` asked with
-   a non-default `generate_steps` (that asks for a generated dataset of that size).
+   a non-default `generate_steps` (that asks for a generated dataset of that size). `download=False`
+   (`--no-download`) turns off this step and the next.
    Why before generation: D4RL's file is the data the papers used, a generated random dataset is only a
    stand-in; so with internet `hopper-random-v2` is D4RL's file. What is already on disk (step 2) is still used
    first, so a machine that generated its data keeps training on the same data, and offline nothing changes.
