@@ -1,73 +1,42 @@
 """Decision Transformer + GRPO: online finetuning with pure RL gradients.
 
-Paper: J. Luo, Y. Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167
-(`../shared/papers/003_…`; only the abstract is public, the rest follows ../shared/specs/algorithms.md §4).
-Offline pretraining is exactly ODT's (stochastic tanh-Gaussian DT, NLL + entropy with a learned
-temperature, LAMB, warm-up; `diff odt.py dt_grpo.py` shows only the online algorithm). Online, every
-round (1) rolls out one *reference* episode, (2) picks branch points along it where the policy's
-predicted action variance is highest (active sampling), (3) restores the simulator to each branch state
-and rolls out a group of G sub-trajectories of L sampled steps, each scored by its L-step return plus a
-deterministic continuation of up to L_eval steps, (4) normalises scores within each group into
-advantages and (5) takes PPO-clipped steps on the *sequence-level* importance ratio
-exp(Σ_t log π_θ − Σ_t log π_old) of each sub-trajectory, with an entropy bonus and an optional KL to the
-frozen pretrained policy. There is no supervised term online.
-
-Usage:
-    python dt_grpo.py --env-id hopper-random-v2                 # per-dataset defaults (table below)
-    python dt_grpo.py --env-id toy-vitamin-v0                   # the ODT+TD3 motivation toy
-    python dt_grpo.py --env-id hopper-random-v2 --relabel       # ablation: ODT's hindsight relabeling
-    python dt_grpo.py --resume runs/<run folder>
-
-Return-to-go convention of this script: RTG tokens are undiscounted returns-to-go multiplied by
-`rtg_scale`, and are NOT relabeled online: a stored sub-trajectory keeps the tokens it was rolled out
-with (RTG_{t+1} = RTG_t − r_t·scale from the target g_online), so π_old and π_θ are the same conditional
-and the ratio of fresh data is exactly 1 (paper abstract: relabeling breaks importance sampling).
-Offline pretraining windows are relabeled as in ODT (there the RTGs are the achieved ones anyway).
-
-Choices the abstract leaves open (each is a flag; defaults per dataset family in GRPO_DEFAULTS):
-- Branching: every member env is reset with the reference episode's seed, then MuJoCo's qpos/qvel are
-  restored with `set_state`, plus the solver warm start and time (without them the next step differs by
-  ~1e-6 under contact), and the TimeLimit step counter is set to the branch step (--group-size,
-  --sub-len, --cont-len, --groups-per-round). The DT context before the branch point (last
-  eval_context_len − 1 steps of the reference, with its RTG tokens) is shared by the whole group. Envs
-  without `set_state` are refused, except the single-state toys, whose only branch point t=0 is a reset.
-- Reference trajectory: one episode per round with the mean action (--reference-sample samples instead);
-  its env steps count. Active sampling = the `groups_per_round` steps with the largest Σ_dims σ² of the
-  pre-tanh Gaussian (--branch-sampling uniform for the ablation); positions repeat when the episode is
-  shorter than the number of groups (the toys: every group branches at t=0).
-- Scores use raw rewards; advantages (R_i − mean)/(std + --adv-eps) with the population std of the group.
-- Sequence ratio over the member's valid steps (steps after a termination are masked), log-ratio clamped
-  at ±--max-log-ratio before exp (numerical guard), clip at --clip-eps, loss = −mean_members min(ρA,
-  clip(ρ)A). π_old is recomputed right after collection on the rollout windows (eval mode) — identical to
-  the rollout-time log-likelihood, without batch-shape rounding — and π_θ is evaluated on the same
-  windows, context length = eval_context_len, i.e. exactly what the policy saw when acting.
-- Dropout is off during GRPO updates (--online-dropout turns it on): otherwise ρ ≠ 1 on-policy.
-- Entropy bonus: by default ODT's learned temperature λ with its dual update continued (entropy stays
-  above β = −dim A); --entropy-coef fixes it. KL to the pretrained policy: k3 estimator
-  exp(d) − d − 1, d = log π_ref − log π_θ on the taken actions, weight --kl-coef (default 0).
-- Optimiser: a fresh Adam (--online-learning-rate), global grad-norm clip --grad-clip as in pretraining;
-  --grpo-epochs passes over the round's members in minibatches of --grpo-minibatch members.
-- Targets: g_online = g_eval by default. Without relabeling the improved policy is the one conditioned on
-  the rollout RTG, so exploring at ODT's 2×expert target would improve a conditional never evaluated.
-- ODT's --updates-per-round and --min-steps-per-round (common block of Args) are not used: a round is
-  one reference episode plus groups_per_round groups, and grpo_epochs × minibatches updates.
-
-Deliberate differences from the reference implementation (ODT: github.com/facebookresearch/online-dt;
-no DT+GRPO code is public), for the pretraining part shared with odt.py:
-- The entropy term averages over valid (non-padded) positions only; the reference also averages over
-  padding. The NLL is masked in both.
-- log λ (the entropy temperature) and its optimiser are saved in checkpoints (the reference forgets
-  it), together with the online optimiser, the frozen pretrained policy and RNG state, so a stopped
-  run resumes without losing progress.
-- LAMB uses Adam's bias correction (as in You et al., 2019, Alg. 2) and clamps ‖w‖ at 10 in the trust
-  ratio; the reference uses torch-optimizer's Lamb without bias correction. Written here in ~25 lines.
-- The transformer is a compact pre-LayerNorm GPT (ReLU MLP, dropout 0.1, N(0, 0.02) init, fused
-  scaled-dot-product attention) instead of a HuggingFace GPT-2; no extra state/return prediction heads
-  (their loss weight is 0 in the reference).
-- Evaluation runs all episodes in a synchronous vector env with fixed seeds; each online reference
-  episode is reset with a seed derived from the round counter, so resumed runs see the same episodes.
-- Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium
-  MuJoCo v5 environments instead of D4RL on mujoco-py.
+Paper: J. Luo, Y. Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167. Only
+its abstract is public; what is marked (R) comes from the public reviews of its ICLR 2026 submission (OpenReview
+UPeqfbXgvf); everything else is our choice and a flag. Offline pretraining is exactly ODT's (arXiv 2202.05607;
+its differences from the reference are listed in odt.py); `diff odt.py dt_grpo.py` shows the online part only.
+Online there is no supervised term. One round:
+1. A reference episode with the mean action, conditioned on g_online = g_eval (its env steps count).
+2. --groups-per-round branch points along it, ≥ --branch-gap (default L_traj) steps apart, drawn without
+   replacement ∝ the predicted action variance Σσ² (R: "sampled along the trajectory based on the action
+   variance"); --branch-sampling top | uniform are the alternatives.
+3. Per branch point a group of G members, each restored to that state (reset with the episode's seed, then
+   qpos, qvel, solver warm start, time, TimeLimit counter), rolling L_traj sampled steps and then L_eval
+   mean-action steps (R: L_eval ≈ 400 on MuJoCo); score = return of both parts. Groups roll one at a time,
+   so --online-steps and --eval-interval hold to within one group (an evaluation may fall inside a round).
+4. Advantages (R_i − mean)/(std + ε) within the group, the same for every step of a member (R).
+5. --grpo-epochs passes in minibatches of --grpo-minibatch members over the PPO-clipped surrogate of each
+   member's sequence ratio, an entropy bonus (ODT's learned λ, or --entropy-coef) and an optional k3 KL to
+   the pretrained policy (--kl-coef). Fresh Adam (--online-learning-rate), dropout off (--online-dropout).
+No relabeling (paper abstract, R): a member keeps the RTG tokens it acted on (RTG_{t+1} = RTG_t − r_t·scale,
+also during the continuation), so π_old and π_θ are one conditional and ρ = 1 exactly on fresh data.
+--relabel is the ablation: ODT's hindsight relabeling with the full achieved return-to-go (the member's
+continuation then runs to the end of its episode; those steps count; the score stays L_traj + L_eval).
+Sequence ratio (--ratio): the paper's joint likelihood exp(Σ_t log π_θ/π_old) over L_traj = 10 steps × 3
+action dims leaves [0.8, 1.2] within 1–3 Adam steps; on hopper-random its clip fraction was 0.xx and only
+x of 16 updates per round had a policy gradient. Default: GSPO's length-normalised exp(mean_t log π_θ/π_old)
+(arXiv 2507.18071), ε = 0.05: clip fraction 0.xx, y of 16 updates with a gradient. --ratio joint (ε 0.2) keeps
+the paper's. Logged: train/clip_fraction, train/approx_kl (k3 of the joint ratio in both modes),
+train/live_fraction (members with a gradient), train/effective_updates (updates with one, per round).
+Q-GRPO (R, paper Fig. 3c): where the env has no set_state (and its episodes are longer than one step; one-step
+envs branch by reset, whatever their id), or with --advantage critic: no branching. The reference episode is
+rolled with sampled actions; its transitions train a TD3 twin-Q critic (2×256 ReLU on (s, a), target networks,
+τ, γ, target action = the DT's mean action at the next window + clipped noise, --critic-updates-per-step);
+a group is G actions sampled from π_old at one branch state (a one-step member), scored by min(Q1, Q2)(s, a_i).
+Policy updates start after --critic-warmup env steps.
+Unknown in the paper, chosen here: G 8, L_traj 10, 4 groups per round, Adam 5e-5, 4 epochs × 8 members,
+ε, the continuation's RTG, g_online = g_eval (without relabeling the conditional improved is the one rolled
+out), a mean-action reference episode (--reference-sample). Checkpoints also hold the online optimiser, the
+frozen pretrained policy, the critic and its replay, so a stopped run resumes where it was.
 """
 
 from __future__ import annotations
@@ -182,17 +151,19 @@ class Args:
     """target return for exploration rollouts (None: per-dataset default, Table C.4)"""
     use_timestep_embedding: bool | None = None
     """learned absolute timestep embedding (None: off for Gym, on for AntMaze, Table C.4)"""
-    # GRPO online finetuning (algorithms.md §4); None: per-dataset default from GRPO_DEFAULTS
+    # GRPO online finetuning (arXiv 2601.00167); None: per-dataset default from GRPO_DEFAULTS
     group_size: int | None = None
-    """G: sampled sub-trajectories per group, all branched from the same simulator state"""
+    """G: members per group (sub-trajectories branched from one simulator state, or actions scored by Q)"""
     sub_len: int | None = None
-    """L: sampled steps per sub-trajectory (the steps the sequence-level ratio covers)"""
+    """L_traj: sampled steps per member (the steps the sequence-level ratio covers)"""
     cont_len: int | None = None
-    """L_eval: deterministic (mean-action) continuation steps added to each member's score"""
+    """L_eval: mean-action continuation steps added to each member's score (paper: ≈ 400 on MuJoCo)"""
     groups_per_round: int | None = None
-    """groups (branch points) per round, rolled out together in one lockstep batch of envs"""
+    """groups (branch points) per round"""
+    ratio: Literal["geometric", "joint"] = "geometric"
+    """sequence ratio: exp(mean_t log π_θ/π_old) over the member's steps (GSPO) or exp(Σ_t ...), the joint one"""
     clip_eps: float | None = None
-    """PPO clip ε of the sequence-level ratio"""
+    """PPO clip ε of the sequence ratio (None: 0.05 geometric, 0.2 joint)"""
     online_learning_rate: float | None = None
     """Adam learning rate of the GRPO phase"""
     grpo_epochs: int | None = None
@@ -207,14 +178,30 @@ class Args:
     """ε of the group normalisation (R_i − mean) / (std + ε)"""
     max_log_ratio: float = 20.0
     """clamp of the sequence log-ratio before exp (numerical guard only)"""
-    branch_sampling: Literal["variance", "uniform"] = "variance"
-    """active sampling: branch where the predicted action variance is highest, or uniformly (ablation)"""
+    branch_sampling: Literal["variance", "top", "uniform"] = "variance"
+    """branch points: drawn ∝ predicted action variance, the highest-variance steps, or uniformly (ablation)"""
+    branch_gap: int | None = None
+    """minimum distance in steps between a round's branch points (None: L_traj)"""
     reference_sample: bool = False
-    """roll the per-round reference episode with sampled actions (default: mean action)"""
+    """roll the per-round reference episode with sampled actions (default: mean action; critic mode samples)"""
     online_dropout: bool = False
     """keep dropout on in GRPO updates (off: π_θ equals π_old on fresh data)"""
     relabel: bool = False
-    """ablation: hindsight-relabel the RTG tokens of online windows with achieved returns (ODT)"""
+    """ablation: relabel the RTG tokens of online windows with the achieved return-to-go (ODT)"""
+    advantage: Literal["auto", "group", "critic"] = "auto"
+    """group returns after a state restore, or Q-GRPO's twin-Q critic (auto: critic iff the env cannot restore)"""
+    critic_lr: float = 3e-4
+    """Q-GRPO: Adam learning rate of the twin-Q critic"""
+    critic_updates_per_step: float = 1.0
+    """Q-GRPO: critic updates per online env step (TD3: 1)"""
+    critic_warmup: int = 2000
+    """Q-GRPO: online env steps (critic trained, policy fixed) before the first policy update"""
+    critic_buffer: int = 200_000
+    """Q-GRPO: transitions kept for the critic (FIFO)"""
+    gamma: float = 0.99
+    """Q-GRPO: discount of the critic"""
+    tau: float = 0.005
+    """Q-GRPO: Polyak rate of the critic's target networks"""
 
 
 # Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT paper Table C.4
@@ -237,14 +224,15 @@ DATASET_DEFAULTS: dict[str, dict] = {
 COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
                        learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
                        use_timestep_embedding=False)
-# GRPO phase (our choices; the abstract gives no numbers). Same key lookup as above.
+# GRPO phase. L_eval ≈ 400 is the paper's (Tab. 6 per its reviews); the rest are our choices (module docstring).
 GRPO_DEFAULTS: dict[str, dict] = {
     "one-step": dict(group_size=16, sub_len=1, cont_len=0, groups_per_round=4, online_learning_rate=1e-3,
                      grpo_epochs=4, grpo_minibatch=0),
-    "antmaze": dict(sub_len=20, cont_len=200),
+    "antmaze": dict(sub_len=20),
 }
-GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=40, groups_per_round=4, clip_eps=0.2,
-                            online_learning_rate=5e-5, grpo_epochs=4, grpo_minibatch=8)
+GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=400, groups_per_round=4, online_learning_rate=5e-5,
+                            grpo_epochs=4, grpo_minibatch=8)
+CLIP_EPS = {"geometric": 0.05, "joint": 0.2}  # ε per --ratio (measured: module docstring)
 
 
 def one_step_defaults(data: OfflineData) -> dict:
@@ -271,6 +259,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
         table.update(g_eval=data.ref_max_score)
     # No relabeling: the conditional that GRPO improves is the rollout one, so roll out at g_eval.
     table["g_online"] = table.get("g_eval")
+    table.setdefault("clip_eps", CLIP_EPS[args.ratio])
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
     for key, value in table.items():
         if getattr(args, key, None) is None:
@@ -633,7 +622,7 @@ class DTAgent:
         self.t += 1
 
 
-# ALGO LOGIC: branched group rollouts (algorithms.md §4)
+# ALGO LOGIC: branched group rollouts (arXiv 2601.00167)
 WINDOW_KEYS = ("rtg", "states", "actions", "timesteps", "valid")  # model input order
 
 
@@ -728,14 +717,29 @@ def reference_rollout(env, agent: WindowAgent, seed: int, target: float, sample:
         obs, reward, terminated, truncated, _ = env.step(action[0])
         rec["rewards"].append(float(reward))
         rtg, t, done = agent.next_rtg(np.array([reward])), t + 1, terminated or truncated
-    return {k: np.asarray(v, np.float64 if k == "sim" else np.float32) for k, v in rec.items()}
+    out = {k: np.asarray(v, np.float64 if k == "sim" else np.float32) for k, v in rec.items()}
+    # s_T and RTG_T after the last step, and whether the episode terminated (Q-GRPO's TD targets)
+    out.update(last_obs=np.asarray(obs, np.float32), last_rtg=np.float32(rtg[0]), terminated=bool(terminated))
+    return out
 
 
-def branch_points(variance: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """Active sampling (§4): the n steps of the reference with the largest predicted action variance
-    (ties: earliest first), or n uniform distinct steps. Positions repeat when the episode is shorter."""
-    order = np.argsort(-variance, kind="stable") if mode == "variance" else rng.permutation(len(variance))
-    return np.resize(order, n)
+def branch_points(variance: np.ndarray, n: int, mode: str, rng: np.random.Generator, gap: int = 1) -> np.ndarray:
+    """Active sampling: n steps of the reference, at least `gap` apart, drawn without replacement with
+    probability ∝ the predicted action variance Σσ² ("variance"), taken greedily by variance ("top"; ties:
+    earliest first) or drawn uniformly. When the episode is too short for n points, they repeat (one-step
+    episodes: every group branches at t = 0)."""
+    weight = np.asarray(variance, np.float64).clip(min=0) + 1e-12
+    free = np.ones(len(weight), bool)
+    picked: list[int] = []
+    while len(picked) < n and free.any():
+        if mode == "top":
+            t = int(np.argmax(np.where(free, weight, -1.0)))
+        else:
+            p = free * (weight if mode == "variance" else 1.0)
+            t = int(rng.choice(len(p), p=p / p.sum()))
+        picked.append(t)
+        free[max(0, t - gap + 1):t + gap] = False
+    return np.resize(np.array(picked, np.int64), n)
 
 
 def group_advantages(scores: torch.Tensor, eps: float) -> torch.Tensor:
@@ -743,31 +747,44 @@ def group_advantages(scores: torch.Tensor, eps: float) -> torch.Tensor:
     return (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, unbiased=False, keepdim=True) + eps)
 
 
+def reference_windows(agent: WindowAgent, ref: dict, steps: np.ndarray) -> dict[str, torch.Tensor]:
+    """The reference episode's DT window at each of `steps` (its K−1 previous steps, left-padded, then s_t and
+    RTG_t with a zero action slot), exactly what the policy saw when acting there. Step T (after the last
+    action) uses s_T and RTG_T."""
+    k, dev = agent.k, agent.device
+    obs = np.concatenate((ref["obs"], ref["last_obs"][None]))
+    rtg = np.append(ref["rtg"], ref["last_rtg"])
+    actions = np.concatenate((ref["actions"], np.zeros_like(ref["actions"][:1])))
+    pos = np.asarray(steps)[:, None] + np.arange(-(k - 1), 1)[None]
+    hist = np.clip(pos, 0, None)
+    valid = torch.as_tensor(pos >= 0, device=dev)
+    act = torch.as_tensor(actions[hist], device=dev)
+    act[:, -1] = 0.0  # a_t is what the policy chooses
+    return {"rtg": torch.as_tensor(rtg[hist], device=dev) * valid,
+            "states": agent.normalise(obs[hist]) * valid[..., None], "actions": act * valid[..., None],
+            "timesteps": torch.as_tensor(hist, device=dev).clamp(max=agent.max_ep_len - 1), "valid": valid}
+
+
 def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t0s: np.ndarray, seed: int,
                    args: Args) -> dict:
     """G members per branch point t0: shared reference context up to t0, then L sampled steps recorded
-    as training windows, then up to L_eval mean-action steps; score = return over both parts."""
-    g, n, k = args.group_size, len(envs), agent.k
+    as training windows, then up to L_eval mean-action steps; score = return over both parts. With --relabel
+    the continuation runs on to the end of the episode (ODT relabels with the full achieved return-to-go);
+    the score still covers L + L_eval steps; every step is counted."""
+    g, n = args.group_size, len(envs)
     t0 = np.repeat(t0s, g)  # member i belongs to group i // G
     for env, t in zip(envs, t0, strict=True):
         restore(env, seed, ref["sim"][t] if len(ref["sim"]) else None, int(t))
-    # Shared context: the reference's window at t0 (its K−1 previous steps, left-padded, and s_t0, RTG_t0).
-    pos = t0[:, None] + np.arange(-(k - 1), 1)[None]
-    hist = np.clip(pos, 0, None)
-    valid = torch.as_tensor(pos >= 0, device=agent.device)
-    actions = torch.as_tensor(ref["actions"][hist], device=agent.device)
-    actions[:, -1] = 0.0  # a_t0 is what the members sample
-    agent.win = {"rtg": torch.as_tensor(ref["rtg"][hist], device=agent.device) * valid,
-                 "states": agent.normalise(ref["obs"][hist]) * valid[..., None], "actions": actions * valid[..., None],
-                 "timesteps": torch.as_tensor(hist, device=agent.device).clamp(max=agent.max_ep_len - 1),
-                 "valid": valid}
+    agent.win = reference_windows(agent, ref, t0)  # the shared context of each group
     t = torch.as_tensor(t0, device=agent.device)
     obs = ref["obs"][t0].copy()
+    scored = args.sub_len + args.cont_len
+    horizon = max(scored, agent.max_ep_len - int(t0.min())) if args.relabel else scored
     windows: dict[str, list] = {key: [] for key in WINDOW_KEYS}
     active, scores = np.ones(n, bool), np.zeros(n, np.float64)
-    step_valid, rewards = np.zeros((n, args.sub_len), bool), np.zeros((n, args.sub_len + args.cont_len), np.float32)
+    step_valid, rewards = np.zeros((n, args.sub_len), bool), np.zeros((n, horizon), np.float32)
     env_steps = 0
-    for j in range(args.sub_len + args.cont_len):
+    for j in range(horizon):
         if not active.any():
             break
         action, _ = agent.act(sample=j < args.sub_len)
@@ -781,7 +798,8 @@ def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t
             active[i] = not (terminated or truncated)
             env_steps += 1
         rewards[:, j] = r
-        scores += r
+        if j < scored:
+            scores += r
         t = t + 1
         agent.push(obs, agent.next_rtg(r), t)
     while len(windows["valid"]) < args.sub_len:  # every member ended early: pad (masked by step_valid)
@@ -791,6 +809,17 @@ def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t
     return {"windows": win, "step_valid": torch.as_tensor(step_valid, device=agent.device),
             "scores": torch.as_tensor(scores, dtype=torch.float32, device=agent.device), "rewards": rewards,
             "t0": t0, "env_steps": env_steps}
+
+
+def concat_groups(parts: list[dict]) -> dict:
+    """Join groups rolled out one after another (main rolls one group at a time to honour budgets)."""
+    width = max(p["rewards"].shape[1] for p in parts)
+    cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
+    return {"windows": {k: torch.cat([p["windows"][k] for p in parts]) for k in WINDOW_KEYS},
+            "step_valid": cat("step_valid"), "scores": cat("scores"),
+            "rewards": np.concatenate([np.pad(p["rewards"], ((0, 0), (0, width - p["rewards"].shape[1])))
+                                       for p in parts]),
+            "t0": np.concatenate([p["t0"] for p in parts]), "env_steps": sum(p["env_steps"] for p in parts)}
 
 
 def relabeled_rtg(groups: dict, ref: dict[str, np.ndarray], k: int, rtg_scale: float) -> torch.Tensor:
@@ -822,7 +851,7 @@ def step_log_probs(model: DecisionTransformer, win: dict[str, torch.Tensor]):
 @torch.no_grad()
 def make_grpo_batch(model, groups: dict, ref: dict, args: Args) -> dict:
     """Advantages and π_old for a round. π_old is evaluated on the rollout windows (the RTGs the actions
-    were sampled with); π_θ is trained on `train_windows` — the same tensors unless --relabel."""
+    were sampled with); π_θ is trained on `windows` — the same tensors unless --relabel."""
     model.eval()
     win, mask = groups["windows"], groups["step_valid"].float()
     old, _, _ = step_log_probs(model, win)
@@ -830,20 +859,30 @@ def make_grpo_batch(model, groups: dict, ref: dict, args: Args) -> dict:
     if args.relabel:
         train_win["rtg"] = relabeled_rtg(groups, ref, win["valid"].shape[2], args.rtg_scale).to(mask.device)
     scores = groups["scores"].view(-1, args.group_size)
-    return {"windows": train_win, "mask": mask, "old_seq_log_prob": (old * mask).sum(1),
+    return {"windows": train_win, "mask": mask, "old_log_prob": old * mask,
             "advantages": group_advantages(scores, args.adv_eps).flatten(),
             "group_return_std": scores.std(-1, unbiased=False).mean()}
 
 
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """log ρ_i of each member over its valid steps: Σ_t (log π_θ − log π_old) (joint likelihood, paper §3.3) or
+    its mean over the steps (GSPO's length-normalised s_i(θ), arXiv 2507.18071). (M, L) → (M,)."""
+    total = ((logp - old_logp) * mask).sum(1)
+    return total if mode == "joint" else total / mask.sum(1).clamp(min=1)
+
+
 def grpo_losses(model, ref_model, log_temperature, batch: dict, idx: torch.Tensor, args: Args):
-    """Clipped sequence-level surrogate (§4): ρ_i = exp(Σ_t log π_θ − Σ_t log π_old) over member i's steps."""
+    """Clipped surrogate on the sequence ratio ρ_i of member i (`sequence_log_ratio`), one advantage per member."""
     win = {key: v[idx] for key, v in batch["windows"].items()}
     mask, adv = batch["mask"][idx], batch["advantages"][idx]
     logp, mu, log_std = step_log_probs(model, win)
-    log_ratio = ((logp * mask).sum(1) - batch["old_seq_log_prob"][idx]).clamp(-args.max_log_ratio, args.max_log_ratio)
+    raw = sequence_log_ratio(logp, batch["old_log_prob"][idx], mask, args.ratio)
+    log_ratio = raw.clamp(-args.max_log_ratio, args.max_log_ratio)
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * adv)  # PPO clip
     pg_loss = -surrogate.mean()
+    # members whose term still has a gradient (the unclipped branch of the min, A ≠ 0)
+    live = (adv != 0) & ~((adv > 0) & (ratio > 1 + args.clip_eps)) & ~((adv < 0) & (ratio < 1 - args.clip_eps))
     n_valid = mask.sum().clamp(min=1)
     _, sample_log_prob = tanh_normal_rsample(mu, log_std)
     entropy = -(sample_log_prob.view_as(mask) * mask).sum() / n_valid  # one-sample estimate, as in pretraining
@@ -858,11 +897,14 @@ def grpo_losses(model, ref_model, log_temperature, batch: dict, idx: torch.Tenso
         kl_ref = ((d.exp() - d - 1) * mask).sum() / n_valid
         loss = loss + args.kl_coef * kl_ref
     temperature_loss = temperature * (entropy - args.target_entropy).detach()
+    with torch.no_grad():  # k3 estimate of KL(π_old ‖ π_θ) of the joint sub-trajectory, whatever --ratio is
+        joint = sequence_log_ratio(logp, batch["old_log_prob"][idx], mask, "joint").clamp(max=args.max_log_ratio)
+        approx_kl = (joint.exp() - 1 - joint).mean()
     stats = {"train/policy_loss": pg_loss, "train/entropy": entropy, "train/temperature": temperature,
              "train/ratio_mean": ratio.mean(), "train/ratio_max": ratio.max(),
              "train/clip_fraction": ((ratio - 1).abs() > args.clip_eps).float().mean(),
-             "train/approx_kl": ((ratio - 1) - log_ratio).mean(), "train/kl_ref": kl_ref,
-             "train/advantage_abs": adv.abs().mean()}
+             "train/approx_kl": approx_kl, "train/kl_ref": kl_ref, "train/advantage_abs": adv.abs().mean(),
+             "train/live_fraction": live.float().mean(), "train/effective_update": live.any().float()}
     return loss, temperature_loss, stats
 
 
@@ -878,6 +920,135 @@ def grpo_update(model, ref_model, optimizer, log_temperature, temperature_optimi
         temperature_loss.backward()
         temperature_optimizer.step()
     return {k: v.detach() for k, v in stats.items()}
+
+
+# ALGO LOGIC: Q-GRPO, advantages from a twin-Q critic when the env cannot be restored (paper Fig. 3c)
+class Critic(nn.Module):
+    """Q1, Q2: MLPs 2×256 ReLU on (normalised state, action) only — no RTG, no history. A parameter-free
+    LayerNorm after each hidden layer stabilises the sparse-reward families (Adroit, AntMaze, Maze2d)."""
+
+    def __init__(self, state_dim: int, act_dim: int, hidden: int, layer_norm: bool):
+        super().__init__()
+
+        def q_net() -> nn.Sequential:
+            norm = (lambda: nn.LayerNorm(hidden, elementwise_affine=False)) if layer_norm else nn.Identity
+            return nn.Sequential(nn.Linear(state_dim + act_dim, hidden), norm(), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), norm(), nn.ReLU(), nn.Linear(hidden, 1))
+
+        self.q1, self.q2 = q_net(), q_net()
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat((states, actions), dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """θ' ← τ·θ + (1 − τ)·θ' (TD3, τ = 0.005)."""
+    for t, p in zip(target.parameters(), source.parameters(), strict=True):
+        t.lerp_(p, tau)
+
+
+class CriticReplay:
+    """FIFO of online transitions (s_t, a_t, r_t, done_t, DT window at t+1) for the critic; the window gives the
+    DT's own action at s_{t+1} for the TD target. Flat tensors, one gather per batch."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.data, self.size, self.ptr = capacity, None, 0, 0
+
+    def add_episode(self, agent: WindowAgent, ref: dict) -> None:
+        n = len(ref["rewards"])
+        nxt = reference_windows(agent, ref, np.arange(1, n + 1))
+        done = np.zeros(n, np.float32)
+        done[-1] = float(ref["terminated"])  # a time-limit end bootstraps
+        items = {"states": agent.normalise(ref["obs"]), "actions": torch.as_tensor(ref["actions"]),
+                 "rewards": torch.as_tensor(ref["rewards"]), "dones": torch.as_tensor(done),
+                 **{f"next_{k}": v for k, v in nxt.items()}}
+        if self.data is None:
+            self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=agent.device)
+                         for k, v in items.items()}
+        slots = (self.ptr + np.arange(n)) % self.capacity
+        for k, v in items.items():
+            self.data[k][torch.as_tensor(slots)] = v.to(agent.device)
+        self.ptr, self.size = int((self.ptr + n) % self.capacity), min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(rng.integers(0, self.size, batch_size))
+        return {k: v[idx.to(v.device)] for k, v in self.data.items()}
+
+
+def critic_update(critic, critic_target, critic_optimizer, model, batch: dict, args: Args) -> torch.Tensor:
+    """TD3 critic step (Fujimoto et al., 2018, arXiv 1802.09477, Alg. 1): y = r + γ(1−d)·min Q'(s', ã'), with
+    ã' = tanh(μ_θ(window')) + clip(N(0, 0.2²), ±0.5). The target policy is the DT's mean action, so Q scores an
+    action followed by the mean-action policy, as the group returns do (L sampled + L_eval mean steps)."""
+    with torch.no_grad():
+        model.eval()
+        nxt = [batch[f"next_{k}"] for k in WINDOW_KEYS]
+        mu, _ = model.action_dist(model(*nxt)[:, -1])
+        noise = (0.2 * torch.randn_like(mu)).clamp(-0.5, 0.5)
+        next_action = (torch.tanh(mu) + noise).clamp(-1, 1)
+        q1_t, q2_t = critic_target(batch["next_states"][:, -1], next_action)
+        y = batch["rewards"] + args.gamma * (1 - batch["dones"]) * torch.min(q1_t, q2_t)
+    q1, q2 = critic(batch["states"], batch["actions"])
+    loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+    critic_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    critic_optimizer.step()
+    polyak_update(critic_target, critic, args.tau)
+    return loss.detach()
+
+
+@torch.no_grad()
+def critic_groups(model, critic, agent: WindowAgent, ref: dict, t0s: np.ndarray, g: int) -> dict:
+    """Q-GRPO groups without a reset: at each branch state s_t0 (the reference's window there), G actions
+    sampled from π_old, scored by min(Q1, Q2)(s_t0, a_i). A member is one step (L_traj = 1): the ratio is over it."""
+    t0 = np.repeat(t0s, g)
+    win = reference_windows(agent, ref, t0)
+    model.eval()
+    mu, log_std = model.action_dist(model(*(win[k] for k in WINDOW_KEYS))[:, -1])
+    actions = tanh_normal_rsample(mu, log_std)[0]
+    win["actions"][:, -1] = actions
+    scores = torch.min(*critic(win["states"][:, -1], actions))
+    n = len(t0)
+    return {"windows": {k: v[:, None] for k, v in win.items()},
+            "step_valid": torch.ones(n, 1, dtype=torch.bool, device=agent.device), "scores": scores,
+            "rewards": np.zeros((n, 1), np.float32), "t0": t0, "env_steps": 0}
+
+
+# ALGO LOGIC: setup, checked before a run folder exists
+def is_one_step(data: OfflineData) -> bool:
+    """Every episode a single step (the papers' toys, under any id): one start state, so a reset is a restore."""
+    return bool(data.episodes) and all(len(e.rewards) == 1 for e in data.episodes)
+
+
+def setup(args: Args) -> tuple[Args, OfflineData, bool]:
+    """Load the data, fill the defaults and check the GRPO settings and the env; returns (args, data,
+    use_critic). Called before the run folder exists, so a refused start leaves nothing behind."""
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("group_size", "sub_len", "groups_per_round",
+                                                                    "grpo_epochs") if getattr(args, k) < 1]
+    bad += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("cont_len", "grpo_minibatch", "branch_gap")
+            if (getattr(args, k) or 0) < 0]
+    if bad or args.group_size < 2:
+        raise UserError(f"Invalid GRPO settings ({', '.join(bad) or f'--group-size {args.group_size}'}): group "
+                        f"size must be ≥ 2 (advantages are normalised within a group), lengths and counts ≥ 1, "
+                        f"--cont-len, --grpo-minibatch and --branch-gap ≥ 0.")
+    env = data.make_env()
+    restorable = can_restore(env) or is_one_step(data)  # one start state: a reset is the restore
+    env.close()
+    use_critic = args.advantage == "critic" or (args.advantage == "auto" and not restorable)
+    if args.advantage == "group" and not restorable:
+        raise UserError(f"--advantage group branches each group from a saved simulator state, but the env of "
+                        f"'{args.env_id}' has no set_state(qpos, qvel) and its episodes are longer than one step. "
+                        f"Use --advantage critic (Q-GRPO) or auto.")
+    if use_critic and args.relabel:
+        raise UserError("--relabel relabels group rollouts with their achieved returns; Q-GRPO (--advantage "
+                        "critic, or an env without set_state) has none. Drop one of the two.")
+    if args.min_steps_per_round is not None or args.updates_per_round != Args.updates_per_round:
+        print("warning: --min-steps-per-round / --updates-per-round are ODT's; dt_grpo.py ignores them (a round is "
+              "--groups-per-round groups; updates per round = --grpo-epochs × minibatches).", file=sys.stderr)
+    return args, data, use_critic
 
 
 # TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
@@ -996,41 +1167,29 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
 
 
 def main(args: Args) -> dict:
+    if args.resume is None:
+        args, data, use_critic = setup(args)
     args, run_dir, checkpoint = prepare_run(args)
+    if checkpoint is not None:
+        args, data, use_critic = setup(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
-    args = apply_dataset_defaults(args, data)
     (run_dir / "config.json").write_text(json.dumps(
         {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device),
+         "advantage": "critic" if use_critic else "group"}, indent=2))
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device}, run folder {run_dir}")
+          f"device {device}, advantages from {'a twin-Q critic (Q-GRPO)' if use_critic else 'group returns'}, "
+          f"run folder {run_dir}")
 
     eval_envs = make_vector_env(data.make_env, args.eval_episodes)
     reference_env = data.make_env()
-    member_envs = [data.make_env() for _ in range(args.groups_per_round * args.group_size)]
+    member_envs = [data.make_env() for _ in range(0 if use_critic else args.group_size)]
     max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
-    if not can_restore(reference_env) and not data.family.startswith("toy"):
-        raise UserError(f"dt_grpo.py branches each group from a saved simulator state, but the env of "
-                        f"'{args.env_id}' ({type(reference_env.unwrapped).__name__}) has no set_state(qpos, qvel). "
-                        f"Use a MuJoCo env, or a single-state toy (every episode starts in the same state).")
-    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("group_size", "sub_len", "groups_per_round",
-                                                                    "grpo_epochs") if getattr(args, k) < 1]
-    bad += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("cont_len", "grpo_minibatch")
-            if getattr(args, k) < 0]
-    if bad or args.group_size < 2:
-        raise UserError(f"Invalid GRPO settings ({', '.join(bad) or f'--group-size {args.group_size}'}): group "
-                        f"size must be ≥ 2 (advantages are normalised within a group), lengths and counts ≥ 1, "
-                        f"--cont-len and --grpo-minibatch ≥ 0.")
-    if args.min_steps_per_round is not None or args.updates_per_round != Args.updates_per_round:
-        print("warning: --min-steps-per-round / --updates-per-round are ODT's; dt_grpo.py ignores them (a round is "
-              "--groups-per-round groups; updates per round = --grpo-epochs × minibatches).", file=sys.stderr)
 
     # ALGO LOGIC: model, optimisers, replay
     model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
@@ -1046,6 +1205,10 @@ def main(args: Args) -> dict:
     # GRPO is on-policy: each round's groups are used for its updates and dropped (no online replay).
     online_optimizer = torch.optim.Adam(model.parameters(), lr=args.online_learning_rate)
     ref_model: DecisionTransformer | None = None  # frozen pretrained policy (KL anchor), made after pretraining
+    critic = Critic(data.obs_dim, data.act_dim, 256, False).to(device)  # Q-GRPO only
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    critic_replay = CriticReplay(args.critic_buffer)
 
     counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
     if checkpoint is not None:
@@ -1059,6 +1222,11 @@ def main(args: Args) -> dict:
         if checkpoint["reference_model"] is not None:
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
             ref_model.load_state_dict(checkpoint["reference_model"])
+        if checkpoint.get("critic") is not None:
+            critic.load_state_dict(checkpoint["critic"]["critic"])
+            critic_target.load_state_dict(checkpoint["critic"]["target"])
+            critic_optimizer.load_state_dict(checkpoint["critic"]["optimizer"])
+            critic_replay.__dict__.update(checkpoint["critic"]["replay"])
         counters.update(checkpoint["counters"])
         restore_rng_state(rng, checkpoint["rng"])
         print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
@@ -1074,6 +1242,9 @@ def main(args: Args) -> dict:
                 "temperature_optimizer": temperature_optimizer.state_dict(),
                 "online_optimizer": online_optimizer.state_dict(),
                 "reference_model": None if ref_model is None else ref_model.state_dict(),
+                "critic": None if not use_critic else {
+                    "critic": critic.state_dict(), "target": critic_target.state_dict(),
+                    "optimizer": critic_optimizer.state_dict(), "replay": dict(critic_replay.__dict__)},
                 "counters": dict(counters), "rng": rng_state(rng)})
 
     def run_eval() -> dict:
@@ -1108,6 +1279,7 @@ def main(args: Args) -> dict:
         n_stats += 1
         counters["updates"] += 1
         update_time += time.perf_counter() - t0
+        return stats
 
     # Offline pretraining (Alg. 1 lines 1-3)
     last_ckpt = counters["updates"] // args.checkpoint_interval
@@ -1132,48 +1304,77 @@ def main(args: Args) -> dict:
               f"normalized score {metrics['eval/normalized_score_mean']:.2f}")
         checkpoint_now()
 
-    # Online finetuning with GRPO only (algorithms.md §4)
+    # Online finetuning with GRPO only (arXiv 2601.00167)
     if ref_model is None:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-    n_members = args.groups_per_round * args.group_size
-    minibatch = args.grpo_minibatch or n_members
     bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
                disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
     last_eval_step = counters["env_steps"] // args.eval_interval
     final, final_at = {}, -1
+
+    def count_steps(n: int) -> None:
+        """Count env steps; evaluate as soon as an --eval-interval boundary is crossed (within one group)."""
+        nonlocal last_eval_step, final, final_at
+        counters["env_steps"] += n
+        bar.update(n)
+        if counters["env_steps"] // args.eval_interval > last_eval_step:
+            last_eval_step = counters["env_steps"] // args.eval_interval
+            final, final_at = run_eval(), counters["updates"]
+            flush(None, 0, [], {"phase": "online", **final})
+
+    agent_args = (args.eval_context_len, data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
     while counters["env_steps"] < args.online_steps and not stop.requested:
         t0 = time.perf_counter()
         episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000
-        agent_args = (model, args.eval_context_len, data.state_mean, data.state_std, args.rtg_scale, max_ep_len,
-                      device)
-        ref = reference_rollout(reference_env, WindowAgent(model, 1, *agent_args[1:]), episode_seed,
-                                args.g_online * args.rtg_scale, args.reference_sample)
-        t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng)  # active sampling
-        groups = rollout_groups(member_envs, WindowAgent(model, n_members, *agent_args[1:]), ref, t0s,
-                                episode_seed, args)
-        steps = len(ref["rewards"]) + groups["env_steps"]  # every simulator step counts
+        ref_agent = WindowAgent(model, 1, *agent_args)
+        ref = reference_rollout(reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
+                                args.reference_sample or use_critic)  # Q-GRPO learns from sampled episodes
+        count_steps(len(ref["rewards"]))
+        gap = args.sub_len if args.branch_gap is None else args.branch_gap
+        t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)  # active sampling
+        parts, critic_loss = [], float("nan")
+        if use_critic:
+            critic_replay.add_episode(ref_agent, ref)
+            losses = [critic_update(critic, critic_target, critic_optimizer, model,
+                                    critic_replay.sample(args.batch_size, rng), args)
+                      for _ in range(max(1, round(len(ref["rewards"]) * args.critic_updates_per_step)))]
+            critic_loss = float(torch.stack(losses).mean())
+            if counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
+                parts.append(critic_groups(model, critic, ref_agent, ref, t0s, args.group_size))
+        else:  # one group at a time, so the budget and evaluation interval hold to within one group
+            for t in t0s:
+                if counters["env_steps"] >= args.online_steps or stop.requested:
+                    break
+                parts.append(rollout_groups(member_envs, WindowAgent(model, args.group_size, *agent_args), ref,
+                                            t[None], episode_seed, args))
+                count_steps(parts[-1]["env_steps"])
         rollout_time = time.perf_counter() - t0
-        counters["env_steps"] += steps
         counters["rounds"] += 1
-        batch = make_grpo_batch(model, groups, ref, args)
-        for _ in range(args.grpo_epochs):
-            perm = torch.as_tensor(rng.permutation(n_members), device=device)
-            for idx in perm.split(minibatch):
-                train_step(batch, idx)
         extra = {"phase": "online", "rollout/return": float(ref["rewards"].sum()),
                  "rollout/length": float(len(ref["rewards"])),
-                 "rollout/group_return": float(groups["scores"].mean()),
+                 "rollout/groups": sum(len(p["t0"]) for p in parts) // args.group_size,
                  "rollout/branch_step_mean": float(t0s.mean()),
-                 "train/group_return_std": float(batch["group_return_std"]),
-                 "charts/updates_per_second": n_stats / max(update_time, 1e-9),
-                 "charts/SPS": steps / max(rollout_time, 1e-9)}
-        if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
-            last_eval_step = counters["env_steps"] // args.eval_interval
-            extra.update(run_eval())
-            final, final_at = {k: v for k, v in extra.items() if k.startswith("eval/")}, counters["updates"]
+                 "charts/SPS": (len(ref["rewards"]) + sum(p["env_steps"] for p in parts)) / max(rollout_time, 1e-9)}
+        if use_critic:
+            extra["train/critic_loss"] = critic_loss
+        if parts:
+            groups = concat_groups(parts)
+            batch = make_grpo_batch(model, groups, ref, args)
+            n_members = len(groups["t0"])
+            effective = 0.0
+            for _ in range(args.grpo_epochs):
+                perm = torch.as_tensor(rng.permutation(n_members), device=device)
+                for idx in perm.split(args.grpo_minibatch or n_members):
+                    effective += float(train_step(batch, idx)["train/effective_update"])
+            extra.update({"rollout/group_return": float(groups["scores"].mean()),
+                          "train/group_return_std": float(batch["group_return_std"]),
+                          "train/effective_updates": effective,
+                          "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
+        if counters["env_steps"] >= args.online_steps and final_at != counters["updates"]:
+            final, final_at = run_eval(), counters["updates"]
+            extra.update(final)
         flush(stats_sum, n_stats, stats_keys, extra)
         stats_sum, n_stats, update_time = None, 0, 0.0
-        bar.update(steps)
         bar.set_postfix(ret=f"{extra['rollout/return']:.1f}")
         if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
             last_ckpt = counters["updates"] // args.checkpoint_interval

@@ -16,6 +16,7 @@ from conftest import (
     TINY_HOPPER,
     TINY_MODEL,
     assert_clear_error,
+    episode,
     only_run_dir,
     read_metrics,
     run_and_interrupt,
@@ -34,6 +35,13 @@ def grpo_args(**kw):
                 eval_context_len=3, rtg_scale=1e-3, g_online=3600.0, entropy_coef=0.0, target_entropy=-3.0)
     args.update(kw)
     return dt_grpo.Args(**args)
+
+
+class FakeData:
+    def __init__(self, family, kind, act_dim=3, ref_max=None, one_step=False):
+        self.family, self.dataset_kind, self.act_dim, self.ref_max_score = family, kind, act_dim, ref_max
+        self.episodes = ([episode([r], act_dim=act_dim) for r in (0.2, 0.9, 0.5)] if one_step
+                         else [episode([1.0] * 20, act_dim=act_dim)])
 
 
 def window_agent(model, n, args):
@@ -74,65 +82,153 @@ def fake_batch(model, m=4, steps=3, k=2, seed=0):
     return win, mask
 
 
-def test_sequence_ratio_and_clipping_match_hand_computation():
-    model = tiny_model().eval()
+def hand_batch(model, log_ratio_on_last_step, adv):
+    """Members whose whole log-ratio sits on their last valid step: the joint, the length-normalised and a
+    per-step (token-level) ratio all differ, so a test on one of them catches a swap to another."""
     win, mask = fake_batch(model)
+    win = {k: v.double() if v.is_floating_point() else v for k, v in win.items()}
     with torch.no_grad():
         logp = dt_grpo.step_log_probs(model, win)[0]
-    seq = (logp * mask).sum(1)  # joint likelihood over each member's valid steps
-    target_ratio = torch.tensor([0.5, 1.0, 1.5, 1.1])
+    last = torch.zeros_like(mask)
+    last[torch.arange(len(mask)), mask.long().sum(1) - 1] = 1.0
+    old = (logp - last * log_ratio_on_last_step[:, None]) * mask
+    return {"windows": win, "mask": mask.double(), "old_log_prob": old, "advantages": adv.double()}
+
+
+@pytest.mark.parametrize("mode", ["joint", "geometric"])
+def test_sequence_ratio_and_clipping_match_hand_computation(mode):
+    model = tiny_model().double().eval()  # float64: log-likelihoods of ~1e3 leave float32 ~1e-4 ratio error
+    target = torch.tensor([0.5, 1.0, 1.5, 1.1], dtype=torch.float64)  # joint ratio of each member
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    batch = {"windows": win, "mask": mask, "old_seq_log_prob": seq - target_ratio.log(), "advantages": adv}
-    args = grpo_args(clip_eps=0.2)
+    batch = hand_batch(model, target.log(), adv)
+    n_steps = torch.tensor([3.0, 2.0, 3.0, 3.0], dtype=torch.float64)  # member 1 terminated after 2 steps
+    rho = target if mode == "joint" else target ** (1 / n_steps)  # exp(Σ_t) or exp(mean_t) of the log-ratio
+    eps = 0.2 if mode == "joint" else 0.05
+    args = grpo_args(clip_eps=eps, ratio=mode)
     loss, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch, torch.arange(4), args)
-    # min(ρA, clip(ρ, 0.8, 1.2)A): 0.5, −1.0, 1.2 (clipped), −1.1 (unclipped for A < 0 and ρ > 1)
-    assert loss.item() == pytest.approx(-(0.5 - 1.0 + 1.2 - 1.1) / 4, abs=1e-5)
-    assert stats["train/ratio_mean"].item() == pytest.approx(target_ratio.mean().item(), abs=1e-5)
-    assert stats["train/ratio_max"].item() == pytest.approx(1.5, abs=1e-5)
-    assert stats["train/clip_fraction"].item() == pytest.approx(0.5)
+    surrogate = torch.min(rho * batch["advantages"], rho.clamp(1 - eps, 1 + eps) * batch["advantages"])
+    assert loss.item() == pytest.approx(-surrogate.mean().item(), abs=1e-9)
+    if mode == "joint":  # 0.5, −1.0, 1.2 (clipped), −1.1 (A < 0 and ρ > 1: unclipped)
+        assert loss.item() == pytest.approx(-(0.5 - 1.0 + 1.2 - 1.1) / 4, abs=1e-9)
+    assert stats["train/ratio_mean"].item() == pytest.approx(rho.mean().item(), abs=1e-9)
+    assert stats["train/ratio_max"].item() == pytest.approx(rho.max().item(), abs=1e-9)
+    assert stats["train/clip_fraction"].item() == pytest.approx(((rho - 1).abs() > eps).double().mean().item())
+    assert stats["train/approx_kl"].item() == pytest.approx((target - 1 - target.log()).mean().item(), abs=1e-9)
     # the masked step (member 1, step 2) does not enter the ratio
-    win2 = {k: v.clone() for k, v in win.items()}
-    win2["actions"][1, 2, -1] = 0.0
-    batch2 = {**batch, "windows": win2}
-    loss2, _, _ = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch2, torch.arange(4), args)
-    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+    batch["windows"]["actions"][1, 2, -1] = 0.0
+    loss2, _, _ = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch, torch.arange(4), args)
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-9)
 
 
 def test_clipped_member_gets_no_gradient():
-    model = tiny_model().eval()
-    win, mask = fake_batch(model, m=1)
-    with torch.no_grad():
-        seq = (dt_grpo.step_log_probs(model, win)[0] * mask).sum(1)
-    args = grpo_args(clip_eps=0.2)
+    model = tiny_model().double().eval()
+    args = grpo_args(clip_eps=0.2, ratio="joint")
     for ratio, expect_grad in ((1.5, False), (1.1, True)):  # A > 0: ρ above 1 + ε is clipped
-        batch = {"windows": win, "mask": mask, "old_seq_log_prob": seq - math.log(ratio),
-                 "advantages": torch.ones(1)}
+        batch = hand_batch(model, torch.full((4,), math.log(ratio)), torch.ones(4))
         model.zero_grad()
-        loss, _, _ = dt_grpo.grpo_losses(model, None, torch.tensor(0.0), batch, torch.arange(1), args)
+        loss, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(0.0), batch, torch.arange(1), args)
         loss.backward()
         norm = sum(p.grad.norm() for p in model.parameters() if p.grad is not None)
         assert (norm > 0) == expect_grad
+        assert stats["train/effective_update"].item() == float(expect_grad)
+
+
+def run_round(model, args, batch, n_members):
+    """The round's updates exactly as main() takes them; returns each update's stats."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.online_learning_rate)
+    log_t = torch.tensor(math.log(0.1), requires_grad=True)
+    t_opt = torch.optim.Adam([log_t], lr=1e-4)
+    rng, rows = np.random.default_rng(0), []
+    for _ in range(args.grpo_epochs):
+        for idx in torch.as_tensor(rng.permutation(n_members)).split(args.grpo_minibatch or n_members):
+            rows.append(dt_grpo.grpo_update(model, None, optimizer, log_t, t_opt, batch, idx, args))
+    return rows
+
+
+def test_gradient_survives_the_rounds_updates_at_the_defaults():
+    """At the default ratio, ε, learning rate, epochs and minibatch, members keep a gradient after the first
+    updates of a round. The joint ratio at ε = 0.2 (the previous default) leaves its clip range after 1–3
+    Adam steps (L = 10 steps × 3 action dims): most members then carry no gradient."""
+    data = FakeData("hopper", "random")
+    args = dt_grpo.apply_dataset_defaults(dt_grpo.Args(env_id="hopper-random-v2"), data)
+    args.cont_len, args.eval_context_len, args.entropy_coef = 10, 3, 0.0  # the continuation does not enter ρ
+    model = tiny_model(dropout=0.0)
+    ref, _, groups = collect(model, args, seed=4)
+    batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+    rows = run_round(model, args, batch, len(groups["t0"]))
+    live = [r["train/live_fraction"].item() for r in rows]
+    per_epoch = len(rows) // args.grpo_epochs
+    assert len(rows) == 16 and per_epoch == 4
+    later = live[per_epoch:]  # after the first pass over the members
+    assert sum(r["train/effective_update"].item() for r in rows[per_epoch:]) == len(later), live
+    assert np.mean(later) >= 0.5, live
+
+
+@pytest.fixture(scope="module")
+def return_conditioned_model():
+    """The tiny DT pretrained with the script's own update() on data where the action follows the return
+    (a = return/1000 − 1 in every dim, episodes of Hopper shape), so its policy depends on the RTG token as a
+    pretrained DT's does. Dropout stays in the module (eval mode must switch it off for π_old and π_θ)."""
+    model = tiny_model(dropout=0.1)
+    rng = np.random.default_rng(0)
+    replay = dt_grpo.TrajectoryReplay(100, np.zeros(11, np.float32), np.ones(11, np.float32), 1e-3, 1000,
+                                      torch.device("cpu"))
+    for _ in range(100):
+        ret = rng.uniform(100, 1900)
+        n = 20
+        replay.add(dt_grpo.Episode(observations=rng.standard_normal((n, 11)).astype(np.float32),
+                                   actions=np.full((n, 3), ret / 1000 - 1, np.float32).clip(-0.95, 0.95),
+                                   rewards=np.full(n, ret / n, np.float32), terminals=np.eye(n, dtype=bool)[-1],
+                                   truncations=np.zeros(n, bool), next_observations=np.zeros((n, 11), np.float32)))
+    args = grpo_args(context_len=3, weight_decay=0.0, target_entropy=-3.0)
+    optimizer = dt_grpo.Lamb(dt_grpo.lamb_param_groups(model, 0.0), lr=1e-3)
+    scheduler = dt_grpo.warmup_schedule(optimizer, 10)
+    log_t = torch.tensor(math.log(0.1), requires_grad=True)
+    t_opt = torch.optim.Adam([log_t], lr=1e-4)
+    for _ in range(150):
+        dt_grpo.update(model, optimizer, scheduler, log_t, t_opt, replay.sample(32, 3, rng), args)
+    return model
 
 
 # --- the paper's thesis: relabeling breaks the importance ratio -------------------------------------------
 @pytest.mark.parametrize("relabel", [False, True])
-def test_fresh_data_ratio_is_one_only_without_relabeling(relabel):
-    model = tiny_model(dropout=0.1)  # dropout on in the module: eval mode must switch it off for both
-    args = grpo_args(relabel=relabel)
+def test_fresh_data_ratio_is_one_only_without_relabeling(relabel, return_conditioned_model):
+    """Fresh data, no update yet: without relabeling ρ ≡ 1 exactly. With ODT's relabeling π_θ(a | s, R_achieved)
+    is compared with π_old(a | s, R_intended), and the ratio is *materially* off-policy: at least a quarter of
+    the members start outside the clip range [1 − ε, 1 + ε] (the threshold: a member outside it on fresh data
+    has its gradient clipped or its update unbounded before the policy has moved at all)."""
+    model = return_conditioned_model
+    args = grpo_args(relabel=relabel, clip_eps=0.05)
     ref, _, groups = collect(model, args)
     batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
     model.train(args.online_dropout)
     with torch.no_grad():
         _, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch,
                                           torch.arange(len(batch["advantages"])), args)
-        seq_new = (dt_grpo.step_log_probs(model, batch["windows"])[0] * batch["mask"]).sum(1)
-    ratio = (seq_new - batch["old_seq_log_prob"]).exp()
-    if relabel:  # π_θ(a | s, R_achieved) vs π_old(a | s, R_intended): not the same conditional
-        assert (ratio - 1).abs().max() > 1e-3
+    if relabel:
+        assert stats["train/clip_fraction"].item() >= 0.25, stats
         assert not torch.equal(batch["windows"]["rtg"], groups["windows"]["rtg"])
     else:  # on-policy, same windows, no dropout: exactly 1
-        assert torch.equal(ratio, torch.ones_like(ratio))
-        assert stats["train/ratio_mean"].item() == 1.0 and stats["train/clip_fraction"].item() == 0.0
+        assert stats["train/ratio_mean"].item() == 1.0 and stats["train/ratio_max"].item() == 1.0
+        assert stats["train/clip_fraction"].item() == 0.0
+
+
+def test_relabeling_uses_the_full_achieved_return_to_go():
+    """--relabel rolls each member on to the end of its episode (ODT relabels with the full achieved return,
+    not the L + L_eval steps that are scored); the score still covers only L + L_eval steps."""
+    model = tiny_model()
+    for relabel in (False, True):
+        args = grpo_args(relabel=relabel, cont_len=1, sub_len=2, group_size=3, groups_per_round=1)
+        envs = [gym.make("Hopper-v5") for _ in range(3)]
+        ref = dt_grpo.reference_rollout(gym.make("Hopper-v5"), window_agent(model, 1, args), 3, 3.6, sample=True)
+        groups = dt_grpo.rollout_groups(envs, window_agent(model, 3, args), ref, np.array([0]), 3, args)
+        ended = [not e.unwrapped.is_healthy or e._elapsed_steps >= 1000 for e in envs]
+        assert all(ended) == relabel, ended
+        np.testing.assert_allclose(groups["scores"].numpy(), groups["rewards"][:, :3].sum(1), rtol=1e-6)
+        if relabel:
+            batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+            np.testing.assert_allclose(batch["windows"]["rtg"][:, 0, -1].numpy(),
+                                       groups["rewards"].sum(1) * args.rtg_scale, rtol=1e-5)
 
 
 def test_relabeled_rtg_hand_computation():
@@ -202,28 +298,112 @@ def test_groups_share_context_and_count_steps():
 
 
 # --- active sampling ----------------------------------------------------------------------------------------
-def test_active_sampler_picks_highest_variance_steps():
-    var = np.array([0.1, 0.9, 0.3, 0.9, 0.05, 0.7], np.float32)
+def test_branch_points_follow_the_variance_and_keep_their_distance():
+    var = np.array([0.1, 0.9, 0.3, 0.9, 0.05, 0.7, 0.2, 0.8], np.float32)
     rng = np.random.default_rng(0)
-    assert dt_grpo.branch_points(var, 3, "variance", rng).tolist() == [1, 3, 5]  # ties: earliest first
-    uniform = dt_grpo.branch_points(var, 4, "uniform", rng)
-    assert len(set(uniform.tolist())) == 4 and uniform.max() < 6
-    assert dt_grpo.branch_points(np.array([0.2]), 4, "variance", rng).tolist() == [0, 0, 0, 0]  # toys
+    assert dt_grpo.branch_points(var, 3, "top", rng).tolist() == [1, 3, 7]  # ties: earliest first
+    assert dt_grpo.branch_points(var, 3, "top", rng, gap=3).tolist() == [1, 7, 4]  # ≥ 3 apart, then leftovers
+    assert dt_grpo.branch_points(np.array([0.2]), 4, "variance", rng).tolist() == [0, 0, 0, 0]  # one-step
+    # "variance": drawn ∝ σ² without replacement, at least `gap` apart
+    var = np.r_[np.full(50, 1.0), np.full(50, 9.0)]
+    picks = np.array([dt_grpo.branch_points(var, 4, "variance", rng, gap=10) for _ in range(300)])
+    assert all(np.diff(np.sort(p)).min() >= 10 for p in picks)
+    assert 0.6 < (picks >= 50).mean() < 0.95  # 9:1 density, but the gap spreads some picks to the low half
+    uniform = np.array([dt_grpo.branch_points(var, 4, "uniform", rng, gap=10) for _ in range(300)])
+    assert 0.4 < (uniform >= 50).mean() < 0.6
+
+
+# --- Q-GRPO: advantages from a twin-Q critic when the env cannot restore a state ------------------------------
+class NoRestore(gym.Wrapper):
+    """A MuJoCo env whose set_state is out of reach (as for an env that cannot be reset to a state)."""
+
+    @property
+    def unwrapped(self):
+        return self
+
+
+def test_qgrpo_on_mujoco_without_set_state():
+    torch.manual_seed(0)
+    model = tiny_model(dropout=0.0)
+    args = grpo_args(group_size=6, groups_per_round=3, sub_len=1, batch_size=64, grpo_minibatch=6, grpo_epochs=2,
+                     online_learning_rate=1e-3)
+    env = NoRestore(gym.make("Hopper-v5"))
+    assert not dt_grpo.can_restore(env)
+    agent = window_agent(model, 1, args)
+    ref = dt_grpo.reference_rollout(env, agent, 3, 3.6, sample=True)
+    assert len(ref["sim"]) == 0 and ref["terminated"] == (len(ref["rewards"]) < 1000)
+    replay = dt_grpo.CriticReplay(1000)
+    replay.add_episode(agent, ref)
+    assert replay.size == len(ref["rewards"])
+    # the stored next window is the policy's window one step later: s_{t+1}, RTG_{t+1}, a_t in the slot before
+    nxt = replay.data["next_states"][0]
+    torch.testing.assert_close(nxt[-1], torch.as_tensor(ref["obs"][1]))
+    torch.testing.assert_close(replay.data["next_actions"][0, -2], torch.as_tensor(ref["actions"][0]))
+    assert replay.data["next_rtg"][0, -1].item() == pytest.approx(float(ref["rtg"][1]), abs=1e-6)
+    critic = dt_grpo.Critic(11, 3, 256, False)
+    target = __import__("copy").deepcopy(critic)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    losses = [dt_grpo.critic_update(critic, target, opt, model, replay.sample(64, rng), args).item()
+              for _ in range(150)]
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10]), losses[::15]
+    t0s = dt_grpo.branch_points(ref["var"], args.groups_per_round, "variance", rng, 1)
+    groups = dt_grpo.critic_groups(model, critic, agent, ref, t0s, args.group_size)
+    with torch.no_grad():  # scores are min(Q1, Q2) of (s_t0, a_i): G different actions at one state
+        q = torch.min(*critic(groups["windows"]["states"][:, 0, -1], groups["windows"]["actions"][:, 0, -1]))
+    torch.testing.assert_close(groups["scores"], q)
+    first = groups["windows"]["states"][:args.group_size, 0]
+    assert torch.equal(first, first[:1].expand_as(first))
+    assert groups["scores"][:args.group_size].std() > 0
+    batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+    rows = run_round(model, args, batch, len(groups["t0"]))
+    assert all(r["train/effective_update"].item() == 1.0 for r in rows)
+    with torch.no_grad():  # the policy moved towards the critic's preferred actions
+        logp = dt_grpo.step_log_probs(model, batch["windows"])[0][:, 0]
+    gain = ((logp - batch["old_log_prob"][:, 0]) * batch["advantages"]).mean()
+    assert gain > 0, gain
+
+
+class SetupData(FakeData):
+    def __init__(self, restorable, one_step=False):
+        super().__init__("hopper" if not one_step else "other", "random" if not one_step else "", one_step=one_step)
+        self.restorable, self.source = restorable, "fake"
+        self.state_mean, self.state_std = np.zeros(11, np.float32), np.ones(11, np.float32)
+
+    def make_env(self, render_mode=None):
+        env = gym.make("Hopper-v5")
+        return env if self.restorable else NoRestore(env)
+
+
+@pytest.mark.parametrize("restorable,one_step,advantage,expect", [
+    (True, False, "auto", "group"), (False, False, "auto", "critic"), (True, False, "critic", "critic"),
+    (False, True, "auto", "group"),  # a single start state: branching is a reset, whatever the id
+    (False, False, "group", "error"),
+])
+def test_advantage_source_follows_the_env(monkeypatch, restorable, one_step, advantage, expect):
+    monkeypatch.setattr(dt_grpo, "load_dataset", lambda *a, **k: SetupData(restorable, one_step))
+    args = dt_grpo.Args(env_id="anything-v0", advantage=advantage, g_eval=1.0)
+    if expect == "error":
+        with pytest.raises(dt_grpo.UserError, match="--advantage critic"):
+            dt_grpo.setup(args)
+    else:
+        assert dt_grpo.setup(args)[2] == (expect == "critic")
 
 
 # --- per-dataset defaults ------------------------------------------------------------------------------------
-class FakeData:
-    def __init__(self, family, kind, act_dim=3, ref_max=None):
-        self.family, self.dataset_kind, self.act_dim, self.ref_max_score = family, kind, act_dim, ref_max
-
-
-def test_defaults_roll_out_at_the_evaluation_target():
+def test_defaults_follow_the_paper_where_known():
     args = dt_grpo.apply_dataset_defaults(dt_grpo.Args(env_id="hopper-random-v2"), FakeData("hopper", "random"))
     assert args.g_online == args.g_eval == 3600 and args.pretrain_updates == 5000  # ODT's pretraining row
-    assert (args.group_size, args.sub_len, args.cont_len, args.clip_eps) == (8, 10, 40, 0.2)
-    args = dt_grpo.apply_dataset_defaults(dt_grpo.Args(env_id="toy-vitamin-v0", g_online=2.0),
-                                          FakeData("toy-vitamin", "toy", act_dim=1))
-    assert args.g_online == 2.0 and args.sub_len == 1 and args.cont_len == 0 and args.grpo_minibatch == 0
+    assert (args.group_size, args.sub_len, args.cont_len) == (8, 10, 400)  # L_eval ≈ 400 (paper Tab. 6)
+    assert (args.ratio, args.clip_eps) == ("geometric", 0.05)
+    joint = dt_grpo.apply_dataset_defaults(dt_grpo.Args(env_id="hopper-random-v2", ratio="joint"),
+                                           FakeData("hopper", "random"))
+    assert joint.clip_eps == 0.2
+    # a one-step dataset under any id: data-derived targets, one-step GRPO settings
+    args = dt_grpo.apply_dataset_defaults(dt_grpo.Args(env_id="my-bandit-v0"),
+                                          FakeData("other", "", act_dim=1, one_step=True))
+    assert args.sub_len == 1 and args.cont_len == 0 and args.grpo_minibatch == 0
+    assert args.g_online == args.g_eval == pytest.approx(0.9)
 
 
 # --- end to end through the CLI -------------------------------------------------------------------------------
@@ -231,35 +411,64 @@ E2E = [*TINY_HOPPER, *TINY_MODEL, "--pretrain-updates", "100", "--online-steps",
        "--log-interval", "25", "--checkpoint-interval", "50", "--learning-rate", "1e-3"]
 
 
+def round_rows(rows):
+    return [r for r in rows if r["phase"] == "online" and "rollout/return" in r]
+
+
 @pytest.mark.slow
 def test_dt_grpo_end_to_end(tiny_hopper, tmp_path):
     result, run_dir, rows = run_and_read("dt_grpo.py", *E2E, cwd=tmp_path, env=tiny_hopper)
     pre = [r for r in rows if r["phase"] == "pretrain" and "train/nll" in r]
-    online = [r for r in rows if r["phase"] == "online"]
+    online = round_rows(rows)
     assert len(pre) == 4 and online, rows
     assert pre[-1]["train/nll"] < pre[0]["train/nll"]
     keys = ("train/ratio_mean", "train/ratio_max", "train/clip_fraction", "train/group_return_std",
-            "train/approx_kl", "train/entropy", "train/policy_loss")
+            "train/approx_kl", "train/entropy", "train/policy_loss", "train/live_fraction")
     for r in online:
         assert all(math.isfinite(r[k]) for k in keys), r
         assert 0.0 <= r["train/clip_fraction"] <= 1.0 and r["train/ratio_max"] >= r["train/ratio_mean"] > 0
         assert r["train/group_return_std"] > 0 and "train/nll" not in r  # no supervised term online
-    # 4 groups × 8 members, minibatches of 8 members, 4 epochs: 16 updates per round
-    assert online[-1]["global_step"] == 100 + 16 * online[-1]["rounds"]
-    # every round: a reference episode plus 32 members of ≤ 10 + 40 steps, all counted
+        assert 0 <= r["train/effective_updates"] <= 4 * r["rollout/groups"]
+    # 8 members per group, minibatches of 8 members, 4 epochs: 4 updates per group collected
+    assert online[-1]["global_step"] == 100 + 4 * sum(r["rollout/groups"] for r in online)
+    # every round: a reference episode plus its groups of 8 members of ≤ 10 + 400 steps, all counted
     steps = np.diff([0] + [r["env_steps"] for r in online])
     assert all(s > r["rollout/length"] for s, r in zip(steps, online, strict=True))
-    assert all(s <= r["rollout/length"] + 32 * 50 for s, r in zip(steps, online, strict=True))
-    assert online[-1]["env_steps"] >= 1200
-    evals = [r for r in rows if "eval/return_mean" in r]
-    assert len(evals) >= 3 and all(-5 < r["eval/normalized_score_mean"] < 60 for r in evals)
+    assert all(s <= r["rollout/length"] + 8 * 410 * r["rollout/groups"] for s, r in zip(steps, online, strict=True))
+    # the budget holds to within one group (or the one reference episode that starts a round)
+    one_group = 8 * 410
+    assert 1200 <= online[-1]["env_steps"] < 1200 + one_group
+    # an evaluation at every --eval-interval boundary, within one group of it, plus the final one
+    evals = [r for r in rows if "eval/return_mean" in r and r["phase"] != "pretrain"]
+    for boundary in (600, 1200):
+        assert any(boundary <= r["env_steps"] < boundary + one_group for r in evals), (boundary, evals)
+    assert all(math.isfinite(r["eval/normalized_score_mean"]) for r in evals)
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["args"]["g_online"] == config["args"]["g_eval"] == 3600 and config["args"]["relabel"] is False
+    assert config["args"]["cont_len"] == 400 and config["advantage"] == "group"
     assert summary["counters"]["env_steps"] == online[-1]["env_steps"]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["reference_model"] is not None and ckpt["online_optimizer"]["state"]
     assert "final: return" in result.stdout
+
+
+@pytest.mark.slow
+def test_qgrpo_end_to_end(tiny_hopper, tmp_path):
+    """--advantage critic on Hopper: no branching, only sampled episodes; the critic trains from the first
+    round, the policy after --critic-warmup env steps."""
+    _, run_dir, rows = run_and_read("dt_grpo.py", *E2E, "--advantage", "critic", "--critic-warmup", "300",
+                                    "--online-steps", "900", cwd=tmp_path, env=tiny_hopper)
+    online = round_rows(rows)
+    steps = np.diff([0] + [r["env_steps"] for r in online])
+    assert all(s == r["rollout/length"] for s, r in zip(steps, online, strict=True))  # no member steps
+    assert all(math.isfinite(r["train/critic_loss"]) for r in online)
+    warm = [r for r in online if r["env_steps"] >= 300]  # counted after the round's episode
+    assert warm and all(r["rollout/groups"] == 4 and math.isfinite(r["train/policy_loss"]) for r in warm)
+    assert online[-1]["global_step"] == 100 + 4 * 4 * len(warm)  # 4 groups × 8 one-step members, 4 epochs
+    assert all(r["rollout/groups"] == 0 for r in online if r["env_steps"] < 300)
+    assert json.loads((run_dir / "config.json").read_text())["advantage"] == "critic"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["critic"]["replay"]["size"] > 0
 
 
 @pytest.mark.slow
@@ -275,10 +484,11 @@ def test_stop_in_online_phase_and_resume(tiny_hopper, tmp_path):
     stopped = torch.load(run_dir / "checkpoint.pt", weights_only=False)["counters"]
     assert 0 < stopped["env_steps"] < 1800 and stopped["rounds"] >= 1
     run_script("dt_grpo.py", "--resume", str(run_dir), "--no-progress", cwd=tmp_path, env=tiny_hopper)
-    rows = [r for r in read_metrics(run_dir) if r["phase"] == "online"]
+    rows = round_rows(read_metrics(run_dir))
     rounds = [r["rounds"] for r in rows]
     assert rounds == list(range(1, len(rounds) + 1))  # no round lost or logged twice
-    assert rows[-1]["global_step"] == 100 + 16 * rows[-1]["rounds"] and rows[-1]["env_steps"] >= 1800
+    assert rows[-1]["global_step"] == 100 + 4 * sum(r["rollout/groups"] for r in rows)
+    assert rows[-1]["env_steps"] >= 1800
 
 
 TOY = ["--env-id", "toy-vitamin-v0", "--seed", "1", "--embed-dim", "32", "--n-layers", "1", "--n-heads", "1",
@@ -312,3 +522,4 @@ def test_bad_input_gives_one_clear_message(tiny_hopper, tmp_path, extra, needle)
     result = run_script("dt_grpo.py", *extra, "--generate-steps", "4000", "--no-progress", cwd=tmp_path,
                         env=tiny_hopper, check=False)
     assert_clear_error(result, needle)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
