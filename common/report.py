@@ -20,6 +20,7 @@ same model and episodes (`eval_rf/…`); it is shown as an extra row `<variant> 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -180,6 +181,18 @@ def check_groups(runs: list[RunResult]) -> dict[tuple[str, str], list[RunResult]
 # ---------------------------------------------------------------------------------------------------------
 # statistics
 # ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """rliable's StratifiedBootstrap draws its indices from NumPy's global generator (its random_state argument
+    does not reach them), so the report seeds that generator for the call and restores it afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def iqm(scores: np.ndarray) -> float:
     """Interquartile mean of a flat set of scores (rliable's aggregate_iqm: scipy trim_mean, 25 % each side)."""
     from rliable import metrics
@@ -194,24 +207,24 @@ def iqm_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0, size: float = 0.
 
     scores = np.asarray(scores, dtype=float)
     scores = scores[:, None] if scores.ndim == 1 else scores
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _seeded(seed):
         warnings.simplefilter("ignore")  # arch's FutureWarning about random_state
         point, ci = rly.get_interval_estimates({"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]),
-                                               reps=reps, confidence_interval_size=size,
-                                               random_state=np.random.RandomState(seed))
+                                               reps=reps, confidence_interval_size=size)
     return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
 
 
 def iqm_curve(curves: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IQM and 95 % interval at each point of (runs, points) curves, one stratified bootstrap per point."""
     from rliable import library as rly
-    from rliable import metrics
+    from scipy.stats import trim_mean
 
     scores = np.asarray(curves, dtype=float)[:, None, :]  # runs × 1 task × points
-    fn = lambda s: np.array([metrics.aggregate_iqm(s[..., t]) for t in range(s.shape[-1])])
-    with warnings.catch_warnings():
+    # rliable's aggregate_iqm (trim_mean of 25 % each side) of every point at once
+    fn = lambda s: trim_mean(s.reshape(-1, s.shape[-1]), proportiontocut=0.25, axis=0)
+    with warnings.catch_warnings(), _seeded(seed):
         warnings.simplefilter("ignore")
-        point, ci = rly.get_interval_estimates({"x": scores}, fn, reps=reps, random_state=np.random.RandomState(seed))
+        point, ci = rly.get_interval_estimates({"x": scores}, fn, reps=reps)
     return point["x"], ci["x"][0], ci["x"][1]
 
 
