@@ -111,3 +111,20 @@ def only_run_dir(cwd: Path) -> Path:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def assert_consistent_hopper_evals(rows: list[dict], prefix: str = "eval") -> None:
+    """Evaluation rows of a hopper run are internally consistent: the normalised score is D4RL's
+    100·(R − R_random)/(R_expert − R_random) of the mean return (hopper: −20.27, 3234.3), every episode ran at least
+    one step, and the return per step is a hopper's (healthy reward 1 plus forward velocity minus a small control
+    cost: between 0 and 4 for any policy that does not fall through the floor). A wrong normaliser, a rollout that
+    drops rewards or an evaluation that never steps fails this; a weak policy does not."""
+    from common.datasets import REF_SCORES
+
+    low, high = REF_SCORES["hopper"]
+    assert rows
+    for r in rows:
+        ret, length = r[f"{prefix}/return_mean"], r[f"{prefix}/length_mean"]
+        assert r[f"{prefix}/normalized_score_mean"] == pytest.approx(100 * (ret - low) / (high - low), rel=1e-6)
+        assert r[f"{prefix}/return_std"] >= 0 and length >= 1
+        assert 0 < ret / length < 4, r

@@ -13,6 +13,7 @@ import reinformer_ag as rf
 from conftest import (
     TINY_HOPPER,
     assert_clear_error,
+    assert_consistent_hopper_evals,
     episode,
     only_run_dir,
     read_metrics,
@@ -72,6 +73,37 @@ def test_max_return_loss_and_nll_hand_computation():
     assert stats["train/entropy"].item() == pytest.approx(entropy, rel=1e-6)
     assert loss.item() == pytest.approx(0.125 + stats["train/nll"].item() - 0.1 * entropy, rel=1e-6)
     assert t_loss.item() == pytest.approx(0.1 * (entropy + 1.0), rel=1e-6)
+
+
+def one_token_batch(rtg):
+    return {"rtg": torch.tensor([[rtg]]), "states": torch.zeros(1, 1, 3), "actions": torch.zeros(1, 1, 1),
+            "timesteps": torch.zeros(1, 1, dtype=torch.long), "valid": torch.ones(1, 1, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("predicted,weight", [(0.5, 0.99), (1.5, 0.01)])
+def test_max_return_loss_weights_underprediction_by_tau(predicted, weight):
+    """Reinformer eq. (6), in the script's direction: residual u = (R − R̂)/mean|R|; u > 0 (R̂ below the return,
+    which a max-return predictor must push up) is weighted by τ = 0.99, u < 0 by 1 − τ. Asymmetric residuals,
+    so τ ↔ 1 − τ or a flipped residual cannot pass."""
+    model = FixedModel(torch.tensor([[predicted]]), torch.zeros(1, 1, 1), [0.0])
+    args = rf.Args(target_entropy=-1.0)
+    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), one_token_batch(1.0), args)
+    assert stats["train/rtg_loss"].item() == pytest.approx(weight * 0.25, rel=1e-6)
+
+
+def test_max_return_loss_drives_the_prediction_above_the_mean_return():
+    """A few steps on R̂ alone, returns 0 and 1 equally often: the τ = 0.99 expectile sits near the maximum."""
+    pred = torch.nn.Parameter(torch.tensor(0.5))
+    batch = {"rtg": torch.tensor([[0.0, 1.0]]), "states": torch.zeros(1, 2, 3), "actions": torch.zeros(1, 2, 1),
+             "timesteps": torch.zeros(1, 2, dtype=torch.long), "valid": torch.ones(1, 2, dtype=torch.bool)}
+    opt = torch.optim.SGD([pred], lr=0.5)
+    for _ in range(300):
+        model = FixedModel(pred.expand(1, 2), torch.zeros(1, 2, 1), [0.0])
+        _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, rf.Args(target_entropy=-1.0))
+        opt.zero_grad()
+        stats["train/rtg_loss"].backward()
+        opt.step()
+    assert pred.item() == pytest.approx(0.99, abs=0.01)  # expectile: τ(1 − R̂) = (1 − τ)R̂ → R̂ = τ
 
 
 def test_log_std_clamp_and_temperature_gradient_sign():
@@ -297,8 +329,11 @@ def test_defaults_table():
     assert args.rtg_scale == 2e-4 and args.context_len == 5 and args.eval_context_len == 5
     assert args.pretrain_updates == 50_000 and args.warmup_steps == 5000 and args.target_entropy == -6.0
     assert args.g_eval == 12135.0 and (args.embed_dim, args.n_layers, args.n_heads, args.batch_size) == (256, 4, 8, 128)
-    args = rf.apply_dataset_defaults(rf.Args(rtg_scale=0.5), FakeData([], "toy-ag", "toy", act_dim=1))
-    assert args.rtg_scale == 0.5 and args.context_len == 1
+    one_step = [episode([r]) for r in (0.25, -2.0, 1.0)]
+    args = rf.apply_dataset_defaults(rf.Args(rtg_scale=0.5), FakeData(one_step, "hopper", "random", act_dim=1))
+    assert args.rtg_scale == 0.5 and args.context_len == 1 and args.pretrain_updates == 1500  # one-step, any id
+    args = rf.apply_dataset_defaults(rf.Args(), FakeData(one_step, "other", "", act_dim=1, ref_max=1.5))
+    assert args.rtg_scale == pytest.approx(0.5) and args.g_eval == 1.5  # |R|·scale ≤ 1; the env's max score
     with pytest.raises(rf.UserError, match="--g-eval"):
         rf.apply_dataset_defaults(rf.Args(conditioning="target"), FakeData([], "other", ""))
 
@@ -323,8 +358,9 @@ def test_end_to_end_and_eval_only_sweep(tiny_hopper, tmp_path):
     assert train[-1]["train/critic_q_loss"] < train[0]["train/critic_q_loss"]
     evals = [r for r in rows if "eval/return_mean" in r]
     assert [r["global_step"] for r in evals] == [75, 150, 150]  # periodic, the last one, and the final row
-    for r in evals:  # both scores from the same model; hopper under a barely trained policy
-        assert -5 < r["eval_rf/normalized_score_mean"] < 60 and -5 < r["eval/normalized_score_mean"] < 60
+    assert_consistent_hopper_evals(evals, "eval_rf")  # both scores from the same model
+    assert_consistent_hopper_evals(evals, "eval")
+    for r in evals:
         assert 0 <= r["eval/ag_changed_frac"] <= 1 and r["eval/ag_q_gain"] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counters"]["updates"] == 150 and "eval_rf/return_mean" in summary
