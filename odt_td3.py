@@ -52,9 +52,11 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -114,6 +116,12 @@ class Args:
     """continue the run in this folder from its last checkpoint (its saved config is used)"""
     progress: bool = True
     """show progress bars"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """paper: the paper's model and budgets; cpu: a CPU-scale protocol (small model, short budgets; values
+    printed at start-up, see PRESETS) for every flag left at its default"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """transformer forward/backward and rollouts under bf16 autocast, or fp32; auto: bf16 where the hardware
+    has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
 
     # Algorithm specific arguments
     embed_dim: int | None = None
@@ -214,6 +222,19 @@ COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretra
                        policy_interval=2, critic_lr=1e-3, critic_layer_norm=False, reward_shift=0.0)
 
 
+# The CPU-scale protocol (--preset cpu): the paper's settings except model size and budgets, ~30 min on a CPU.
+PRESETS: dict[str, dict] = {
+    "cpu": dict(embed_dim=128, n_layers=3, n_heads=1, batch_size=64, warmup_steps=1000, pretrain_updates=1000,
+                online_steps=10_000, eval_interval=2000, eval_episodes=5),
+}
+# Smallest valid value of each numeric flag (checked before any work).
+VALID_MIN = dict(generate_steps=1, pretrain_updates=0, online_steps=0, updates_per_round=1, min_steps_per_round=0,
+                 eval_interval=1, eval_episodes=1, log_interval=1, checkpoint_interval=1, embed_dim=1, n_layers=1,
+                 n_heads=1, context_len=1, eval_context_len=1, batch_size=1, learning_rate=0.0, weight_decay=0.0,
+                 warmup_steps=1, grad_clip=0.0, buffer_size=1, rtg_scale=1e-12, gamma=0.0, policy_noise=0.0,
+                 noise_clip=0.0, exploration_noise=0.0, critic_lr=0.0, critic_hidden=1, policy_interval=1)
+
+
 def one_step_defaults(data: OfflineData) -> dict:
     """Return scale and target return of a one-step dataset (every episode a single step, such as the papers'
     toys under any id), derived from its data: RTG tokens scaled so that |R| ≤ 1, and the target is the best
@@ -299,8 +320,9 @@ class DecisionTransformer(nn.Module):
     """GPT over interleaved (R_t, s_t, a_t) tokens; the action is read at the state token (§3.1)."""
 
     def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
-                 dropout: float, max_ep_len: int, use_timestep_embedding: bool):
+                 dropout: float, max_ep_len: int, use_timestep_embedding: bool, precision: str = "fp32"):
         super().__init__()
+        self.bf16 = precision == "bf16"  # autocast of embeddings and blocks; heads and losses stay fp32
         self.embed_rtg = nn.Linear(1, embed_dim)
         self.embed_state = nn.Linear(state_dim, embed_dim)
         self.embed_action = nn.Linear(act_dim, embed_dim)
@@ -315,9 +337,8 @@ class DecisionTransformer(nn.Module):
         # PyTorch's default init, as in the ODT reference: with a zero bias LayerNorm(W·x) = LayerNorm(W·cx) for
         # every c > 0, so the return token would carry only the sign of R and every state would lose its norm.
         self.blocks.apply(self._init_weights)
-        for head in (self.mu_head,):  # orthogonal weights, zero bias (ODT reference's head)
-            nn.init.orthogonal_(head.weight)
-            nn.init.zeros_(head.bias)
+        # The deterministic head keeps PyTorch's default init (as the DT code's tanh head): ODT's orthogonal init
+        # gives |μ| ≈ √d·|h|/√d ≈ 1-5 before the tanh, which saturates it and stalls the critic's gradient.
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -329,16 +350,18 @@ class DecisionTransformer(nn.Module):
     def forward(self, rtg, states, actions, timesteps, valid) -> torch.Tensor:
         """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K), valid (B,K) → (B,K,d) at s_t."""
         b, k = states.shape[:2]
-        tokens = torch.stack(
-            (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
-        )
-        if self.embed_timestep is not None:
-            tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
-        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
-        mask = attention_mask(valid)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+        with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            tokens = torch.stack(
+                (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
+            )
+            if self.embed_timestep is not None:
+                tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
+            x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+            mask = attention_mask(valid)
+            for block in self.blocks:
+                x = block(x, mask)
+            x = self.ln_f(x)
+        return x.float().reshape(b, k, 3, -1)[:, :, 1]
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
         """Deterministic action μ = tanh(Linear(h)) (the DT is the TD3 actor: no Gaussian, no entropy)."""
@@ -472,6 +495,12 @@ class TrajectoryReplay:
 
     def __len__(self) -> int:
         return len(self.trajectories)
+
+    def state_dict(self) -> dict:
+        return {"trajectories": self.trajectories, "next_slot": self.next_slot}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trajectories, self.next_slot, self._flat = state["trajectories"], state["next_slot"], None
 
     def _rebuild(self) -> None:
         trajs = self.trajectories
@@ -669,6 +698,66 @@ class NonFiniteLossError(UserError):
     pass
 
 
+class RunFinished(Exception):
+    """--resume of a run that has already finished: nothing to do."""
+
+
+EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def apply_preset(args: Args) -> Args:
+    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field still at its default."""
+    if args.preset == "paper":
+        return args
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    changed = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == defaults[k]}
+    for key, value in changed.items():
+        setattr(args, key, value)
+    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
+    return args
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
+    writable: a probe file is created and removed, which also catches read-only file systems."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
+                        f"or make {existing} writable.") from None
+
+
+def validate_args(args: Args) -> None:
+    """Budgets and sizes, checked before the dataset is loaded."""
+    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
+                and getattr(args, name) < low}
+    if at_least:
+        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
+                                                     for k, v in at_least.items()) + ".")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
+    if args.embed_dim is not None and args.embed_dim % args.n_heads:
+        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
+                        f"({args.n_heads}).")
+
+
 class RunLogger:
     """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
 
@@ -700,11 +789,11 @@ class RunLogger:
 
 
 def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
     script = Path(__file__).name
-    if args.resume is None:
+    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
         run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir, "the run folder")
         return args, run_dir, None
     run_dir = Path(args.resume)
     config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
@@ -715,17 +804,37 @@ def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
     if config.get("script") != script:
         raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
                         f"not {script}. Resume it with that script.")
+    if (run_dir / "summary.json").is_file():
+        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
+                          f"Start a new run to train again.")
+    check_writable(run_dir, "checkpoints and metrics")
     if not ckpt_path.is_file():
         raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
                         f"or was started with --no-save-model). Start a new run instead.")
     fields = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
     saved.resume, saved.progress = args.resume, args.progress
+    (run_dir / "STOPPED").unlink(missing_ok=True)
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or corrupt file
         raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
     return saved, run_dir, checkpoint
+
+
+def start_run_folder(run_dir: Path, config: dict) -> None:
+    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
+    if not (run_dir / "config.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def mark_stopped(run_dir: Path, counters: dict) -> None:
+    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
+    command = f"python {Path(sys.argv[0]).name} --resume {run_dir}"
+    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
+                                     f"continue with:\n  {command}\n")
+    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -764,6 +873,51 @@ class StopFlag:
         print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
 
 
+class StatsMeter:
+    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
+    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.sum: torch.Tensor | None = None
+        self.n, self.seconds = 0, 0.0
+
+    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
+        self.keys = list(stats)
+        vec = torch.stack([stats[k].float() for k in self.keys])
+        self.sum = vec if self.sum is None else self.sum + vec
+        self.n, self.seconds = self.n + 1, self.seconds + seconds
+
+    def updates_per_second(self) -> float:
+        return self.n / max(self.seconds, 1e-9)
+
+    def pop(self) -> dict[str, float]:
+        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
+        self.sum, self.n, self.seconds = None, 0, 0.0
+        return means
+
+    def state_dict(self) -> dict:
+        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
+
+
+def print_cost_estimate(seconds_per_update: float, args: Args, max_ep_len: int) -> None:
+    """What the whole run costs on this device at this size, from the time of the first few updates."""
+    rounds = getattr(args, "online_steps", 0) / max(getattr(args, "min_steps_per_round", 0) or 0, max_ep_len)
+    online = rounds * getattr(args, "updates_per_round", 0)
+    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
+        f"{n * seconds_per_update / 60:.3g} min"
+    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
+           f"{hours(args.pretrain_updates)}"
+    if online:
+        text += f", finetuning ≥ {online:.0f} updates ≈ {hours(online)} (more if episodes end early)"
+    if (args.pretrain_updates + online) * seconds_per_update > 4 * 3600 and args.preset == "paper":
+        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
+    print(text + ".")
+
+
 def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
@@ -776,21 +930,24 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
 
 
 def main(args: Args) -> dict:
+    validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
+    args = apply_preset(args) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    args.precision = resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    (run_dir / "config.json").write_text(json.dumps(
-        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+    validate_args(args)
+    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device}, run folder {run_dir}")
+          f"device {device} ({args.precision}), run folder {run_dir}")
 
     eval_envs = make_vector_env(data.make_env, args.eval_episodes)
     train_envs = make_vector_env(data.make_env, 1)
@@ -798,7 +955,7 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: model, optimisers, replay
     model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
-                                args.dropout, max_ep_len, args.use_timestep_embedding).to(device)
+                                args.dropout, max_ep_len, args.use_timestep_embedding, args.precision).to(device)
     optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     model_target = copy.deepcopy(model).requires_grad_(False).eval()  # Polyak copy of the whole transformer
@@ -815,7 +972,10 @@ def main(args: Args) -> dict:
     for episode in ranked:
         replay.add(episode)
 
-    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
+    # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
+    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False, "round_updates_left": 0,
+                "round": {}}
+    meter = StatsMeter()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -824,8 +984,9 @@ def main(args: Args) -> dict:
         critic.load_state_dict(checkpoint["critic"])
         critic_target.load_state_dict(checkpoint["critic_target"])
         critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-        replay.trajectories, replay.next_slot, replay._flat = checkpoint["replay"], checkpoint["replay_next_slot"], None
+        replay.load_state_dict(checkpoint["replay"])
         counters.update(checkpoint["counters"])
+        meter.load_state_dict(checkpoint["meter"])
         restore_rng_state(rng, checkpoint["rng"])
         print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
               f"env step {counters['env_steps']}")
@@ -833,55 +994,46 @@ def main(args: Args) -> dict:
     stop = StopFlag()
 
     def checkpoint_now():
+        counters["wall_time_s"] = time.time() - start_time
         if args.save_model:
             save_checkpoint(run_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "model_target": model_target.state_dict(), "critic": critic.state_dict(),
                 "critic_target": critic_target.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-                "replay": replay.trajectories,
-                "replay_next_slot": replay.next_slot, "counters": dict(counters), "rng": rng_state(rng)})
+                "replay": replay.state_dict(),
+                "counters": dict(counters), "meter": meter.state_dict(), "rng": rng_state(rng)})
 
     def run_eval() -> dict:
         agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, 0.0, device, max_ep_len)
         seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
         return evaluate(eval_envs, agent, seeds, data.normalized_score)
 
-    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+    def log_row(extra: dict) -> None:
         row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        if stats_sum is not None and n:
-            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
-            check_finite({k: row[k] for k in keys}, counters, run_dir)
-        row.update(extra)
-        logger.log(row)
-
-    start_time = time.time()
-    stats_keys: list[str] = []
-    stats_sum, n_stats, update_time = None, 0, 0.0
+        stats = meter.pop()
+        check_finite(stats, counters, run_dir)
+        logger.log({**row, **stats, **extra})
 
     def train_step(source: TrajectoryReplay, alpha: float) -> None:
-        nonlocal stats_sum, n_stats, update_time, stats_keys
         t0 = time.perf_counter()
         batches = [source.sample(args.batch_size, args.context_len, rng) for _ in range(args.policy_interval)]
         stats = update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer, batches,
                        alpha, args)
-        stats_keys = list(stats)
-        vec = torch.stack([stats[k] for k in stats_keys])
-        stats_sum = vec if stats_sum is None else stats_sum + vec
-        n_stats += 1
         counters["updates"] += 1
-        update_time += time.perf_counter() - t0
+        meter.add(stats, time.perf_counter() - t0)
 
-    # Offline pretraining (Alg. 1 lines 1-3)
+    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+    # Offline pretraining (Alg. 1 lines 1-3). The first row comes after one update, with a cost estimate.
     last_ckpt = counters["updates"] // args.checkpoint_interval
     bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
                desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
     while counters["updates"] < args.pretrain_updates and not stop.requested:
         train_step(offline, args.alpha_pretrain)  # critic trained during pretraining too; α_pre = 0 except AntMaze
         bar.update(1)
-        if counters["updates"] % args.log_interval == 0 or counters["updates"] == args.pretrain_updates:
-            flush(stats_sum, n_stats, stats_keys,
-                  {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
-            stats_sum, n_stats, update_time = None, 0, 0.0
+        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
+            print_cost_estimate(meter.seconds / max(meter.n, 1), args, max_ep_len)
+        if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
+            log_row({"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()})
             if counters["updates"] // args.checkpoint_interval > last_ckpt:
                 last_ckpt = counters["updates"] // args.checkpoint_interval
                 checkpoint_now()
@@ -889,43 +1041,48 @@ def main(args: Args) -> dict:
     if not stop.requested and not counters["pretrain_evaluated"]:
         metrics = run_eval()
         counters["pretrain_evaluated"] = True
-        flush(None, 0, [], {"phase": "pretrain", **metrics})
-        print(f"after pretraining: return {metrics['eval/return_mean']:.1f}, "
-              f"normalized score {metrics['eval/normalized_score_mean']:.2f}")
+        log_row({"phase": "pretrain", **metrics})
+        print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
+              f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
         checkpoint_now()
 
-    # Online finetuning (Alg. 1 lines 4-10)
+    # Online finetuning (Alg. 1 lines 4-10). A stop request is honoured between any two updates of a round:
+    # the checkpoint holds the round's progress, so the resumed run finishes the round exactly.
     bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
                disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
     last_eval_step = counters["env_steps"] // args.eval_interval
-    final, final_at = {}, -1
-    while counters["env_steps"] < args.online_steps and not stop.requested:
-        t0, returns, lengths = time.perf_counter(), [], []
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online, args.exploration_noise, device,
-                        max_ep_len)
-        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-            episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000 + len(lengths)
-            result = rollout(train_envs, agent, [episode_seed], record=True)
-            replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
-            returns.append(float(result.returns[0]))
-            lengths.append(int(result.lengths[0]))
-        rollout_time = time.perf_counter() - t0
-        counters["env_steps"] += sum(lengths)
-        counters["rounds"] += 1
-        for _ in range(args.updates_per_round):
+    final = {}
+    while not stop.requested:
+        if counters["round_updates_left"] == 0:
+            if counters["env_steps"] >= args.online_steps:
+                break
+            t0, returns, lengths = time.perf_counter(), [], []
+            agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online, args.exploration_noise,
+                            device, max_ep_len)
+            while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
+                episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000 + len(lengths)
+                result = rollout(train_envs, agent, [episode_seed], record=True)
+                replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
+                returns.append(float(result.returns[0]))
+                lengths.append(int(result.lengths[0]))
+            counters["env_steps"] += sum(lengths)
+            counters["rounds"] += 1
+            counters["round_updates_left"] = args.updates_per_round
+            counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
+                                 "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
+            bar.update(sum(lengths))
+            bar.set_postfix(ret=f"{np.mean(returns):.4g}")
+        while counters["round_updates_left"] > 0 and not stop.requested:
             train_step(replay, args.alpha_online)
-        extra = {"phase": "online", "rollout/return": float(np.mean(returns)),
-                 "rollout/length": float(np.mean(lengths)),
-                 "charts/updates_per_second": n_stats / max(update_time, 1e-9),
-                 "charts/SPS": sum(lengths) / max(rollout_time, 1e-9)}
+            counters["round_updates_left"] -= 1
+        if counters["round_updates_left"] > 0:
+            break  # stopped inside the round
+        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": meter.updates_per_second()}
         if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
             last_eval_step = counters["env_steps"] // args.eval_interval
             extra.update(run_eval())
-            final, final_at = {k: v for k, v in extra.items() if k.startswith("eval/")}, counters["updates"]
-        flush(stats_sum, n_stats, stats_keys, extra)
-        stats_sum, n_stats, update_time = None, 0, 0.0
-        bar.update(sum(lengths))
-        bar.set_postfix(ret=f"{np.mean(returns):.1f}")
+            final = {k: v for k, v in extra.items() if k.startswith("eval/")}
+        log_row(extra)
         if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
             last_ckpt = counters["updates"] // args.checkpoint_interval
             checkpoint_now()
@@ -934,23 +1091,22 @@ def main(args: Args) -> dict:
     if stop.requested:
         checkpoint_now()
         logger.close()
-        print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n"
-              f"  python {Path(__file__).name} --resume {run_dir}")
+        mark_stopped(run_dir, counters)
         return {"stopped": True, "run_dir": str(run_dir)}
 
-    if final_at != counters["updates"]:  # the last round did not evaluate (or there was no online phase)
+    if not final:  # the last round did not evaluate (or there was no online phase)
         final = run_eval()
     summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
                "wall_time_s": time.time() - start_time, **final}
-    flush(None, 0, [], {"phase": "final", **final})
+    log_row({"phase": "final", **final})
     if args.capture_video:
         record_video(model, args, data, device, max_ep_len, run_dir)
     if args.save_model:
         torch.save(model.state_dict(), run_dir / "model.pt")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
-    print(f"final: return {final['eval/return_mean']:.1f} ± {final['eval/return_std']:.1f}, normalized score "
-          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
+          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
     return summary
 
 
@@ -976,7 +1132,14 @@ def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        result = main(tyro.cli(Args))
     except (UserError, DatasetError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFinished as done:
+        print(done)
+        sys.exit(0)
+    except KeyboardInterrupt:
+        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)

@@ -57,6 +57,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,12 @@ class Args:
     """continue the run in this folder from its last checkpoint (its saved config is used)"""
     progress: bool = True
     """show progress bars"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """paper: the paper's model and budgets; cpu: a CPU-scale protocol (small model, short budgets; values
+    printed at start-up, see PRESETS) for every flag left at its default"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """transformer forward/backward and rollouts under bf16 autocast, or fp32; auto: bf16 where the hardware
+    has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
 
     # Algorithm specific arguments
     embed_dim: int = 256
@@ -207,6 +214,19 @@ COMMON_DEFAULTS = dict(pretrain_updates=50_000, context_len=5, learning_rate=1e-
                        ag_steps=3, ag_lr=1e-3)
 
 
+# The CPU-scale protocol (--preset cpu): a small model and 6000 updates, ~25 min on a CPU.
+PRESETS: dict[str, dict] = {
+    "cpu": dict(embed_dim=128, n_layers=3, n_heads=4, batch_size=64, warmup_steps=1000, pretrain_updates=6000,
+                critic_updates=2, eval_interval=2000, eval_episodes=10),
+}
+# Smallest valid value of each numeric flag (checked before any work).
+VALID_MIN = dict(generate_steps=1, pretrain_updates=0, eval_interval=1, eval_episodes=1, log_interval=1,
+                 checkpoint_interval=1, embed_dim=1, n_layers=1, n_heads=1, context_len=1, eval_context_len=1,
+                 batch_size=1, learning_rate=0.0, weight_decay=0.0, warmup_steps=1, grad_clip=0.0,
+                 init_temperature=1e-8, temperature_lr=0.0, rtg_scale=1e-12, critic_hidden=1, critic_lr=0.0,
+                 critic_batch_size=1, critic_updates=1, gamma=0.0, polyak=0.0, ag_steps=0, ag_lr=0.0)
+
+
 def one_step_defaults(data: OfflineData) -> dict:
     """Return scale and target return of a one-step dataset (every episode a single step, such as the papers'
     toys under any id), derived from its data: RTG tokens scaled so that |R| ≤ 1, and the target is the best
@@ -293,8 +313,9 @@ class Trunk(nn.Module):
     """Embeddings + GPT over interleaved (s_t, R_t, a_t) tokens; returns the outputs per token type."""
 
     def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
-                 dropout: float, max_ep_len: int):
+                 dropout: float, max_ep_len: int, precision: str = "fp32"):
         super().__init__()
+        self.bf16 = precision == "bf16"  # autocast of embeddings and blocks; heads and losses stay fp32
         self.embed_state = nn.Linear(state_dim, embed_dim)
         self.embed_rtg = nn.Linear(1, embed_dim)
         self.embed_action = nn.Linear(act_dim, embed_dim)
@@ -306,14 +327,15 @@ class Trunk(nn.Module):
     def forward(self, rtg, states, actions, timesteps, valid=None) -> torch.Tensor:
         """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K) → (B,K,3,d); index 0 = s_t, 1 = R_t."""
         b, k = states.shape[:2]
-        tokens = torch.stack(
-            (self.embed_state(states), self.embed_rtg(rtg.unsqueeze(-1)), self.embed_action(actions)), dim=2
-        ) + self.embed_timestep(timesteps).unsqueeze(2)
-        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
-        mask = None if valid is None else attention_mask(valid)
-        for block in self.blocks:
-            x = block(x, mask)
-        return x.reshape(b, k, 3, -1)
+        with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            tokens = torch.stack(
+                (self.embed_state(states), self.embed_rtg(rtg.unsqueeze(-1)), self.embed_action(actions)), dim=2
+            ) + self.embed_timestep(timesteps).unsqueeze(2)
+            x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+            mask = None if valid is None else attention_mask(valid)
+            for block in self.blocks:
+                x = block(x, mask)
+        return x.float().reshape(b, k, 3, -1)
 
 
 class Reinformer(nn.Module):
@@ -323,9 +345,9 @@ class Reinformer(nn.Module):
     """
 
     def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
-                 dropout: float, max_ep_len: int, separate: bool):
+                 dropout: float, max_ep_len: int, separate: bool, precision: str = "fp32"):
         super().__init__()
-        trunk_args = (state_dim, act_dim, embed_dim, n_layers, n_heads, dropout, max_ep_len)
+        trunk_args = (state_dim, act_dim, embed_dim, n_layers, n_heads, dropout, max_ep_len, precision)
         self.trunk = Trunk(*trunk_args)
         self.action_trunk = Trunk(*trunk_args) if separate else None
         self.rtg_head = nn.Linear(embed_dim, 1)
@@ -718,6 +740,66 @@ class NonFiniteLossError(UserError):
     pass
 
 
+class RunFinished(Exception):
+    """--resume of a run that has already finished: nothing to do."""
+
+
+EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def apply_preset(args: Args) -> Args:
+    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field still at its default."""
+    if args.preset == "paper":
+        return args
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    changed = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == defaults[k]}
+    for key, value in changed.items():
+        setattr(args, key, value)
+    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
+    return args
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
+    writable: a probe file is created and removed, which also catches read-only file systems."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
+                        f"or make {existing} writable.") from None
+
+
+def validate_args(args: Args) -> None:
+    """Budgets and sizes, checked before the dataset is loaded."""
+    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
+                and getattr(args, name) < low}
+    if at_least:
+        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
+                                                     for k, v in at_least.items()) + ".")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
+    if args.embed_dim is not None and args.embed_dim % args.n_heads:
+        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
+                        f"({args.n_heads}).")
+
+
 class RunLogger:
     """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
 
@@ -749,11 +831,11 @@ class RunLogger:
 
 
 def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
     script = Path(__file__).name
-    if args.resume is None:
+    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
         run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir, "the run folder")
         return args, run_dir, None
     run_dir = Path(args.resume)
     config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
@@ -764,17 +846,37 @@ def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
     if config.get("script") != script:
         raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
                         f"not {script}. Resume it with that script.")
+    if (run_dir / "summary.json").is_file():
+        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
+                          f"Start a new run to train again.")
+    check_writable(run_dir, "checkpoints and metrics")
     if not ckpt_path.is_file():
         raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
                         f"or was started with --no-save-model). Start a new run instead.")
     fields = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
     saved.resume, saved.progress = args.resume, args.progress
+    (run_dir / "STOPPED").unlink(missing_ok=True)
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or corrupt file
         raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
     return saved, run_dir, checkpoint
+
+
+def start_run_folder(run_dir: Path, config: dict) -> None:
+    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
+    if not (run_dir / "config.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def mark_stopped(run_dir: Path, counters: dict) -> None:
+    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
+    command = f"python {Path(sys.argv[0]).name} --resume {run_dir}"
+    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
+                                     f"continue with:\n  {command}\n")
+    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -813,6 +915,51 @@ class StopFlag:
         print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
 
 
+class StatsMeter:
+    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
+    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.sum: torch.Tensor | None = None
+        self.n, self.seconds = 0, 0.0
+
+    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
+        self.keys = list(stats)
+        vec = torch.stack([stats[k].float() for k in self.keys])
+        self.sum = vec if self.sum is None else self.sum + vec
+        self.n, self.seconds = self.n + 1, self.seconds + seconds
+
+    def updates_per_second(self) -> float:
+        return self.n / max(self.seconds, 1e-9)
+
+    def pop(self) -> dict[str, float]:
+        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
+        self.sum, self.n, self.seconds = None, 0, 0.0
+        return means
+
+    def state_dict(self) -> dict:
+        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
+
+
+def print_cost_estimate(seconds_per_update: float, args: Args, max_ep_len: int) -> None:
+    """What the whole run costs on this device at this size, from the time of the first few updates."""
+    rounds = getattr(args, "online_steps", 0) / max(getattr(args, "min_steps_per_round", 0) or 0, max_ep_len)
+    online = rounds * getattr(args, "updates_per_round", 0)
+    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
+        f"{n * seconds_per_update / 60:.3g} min"
+    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
+           f"{hours(args.pretrain_updates)}"
+    if online:
+        text += f", finetuning ≥ {online:.0f} updates ≈ {hours(online)} (more if episodes end early)"
+    if (args.pretrain_updates + online) * seconds_per_update > 4 * 3600 and args.preset == "paper":
+        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
+    print(text + ".")
+
+
 def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
@@ -848,28 +995,31 @@ def main(args: Args) -> dict:
     trained_model_path = None
     if args.eval_only is not None:
         args, trained_model_path = load_trained_run(args)
+    validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
+    args = apply_preset(args) if checkpoint is None and trained_model_path is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    args.precision = resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    (run_dir / "config.json").write_text(json.dumps(
-        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)}, indent=2))
+    validate_args(args)
+    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device}, run folder {run_dir}")
+          f"device {device} ({args.precision}), run folder {run_dir}")
 
     eval_envs = make_vector_env(data.make_env, args.eval_episodes)
     max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
 
     # ALGO LOGIC: model, critic, optimisers, data
     model = Reinformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads, args.dropout,
-                       max_ep_len, args.separate_networks).to(device)
+                       max_ep_len, args.separate_networks, args.precision).to(device)
     optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
@@ -881,6 +1031,7 @@ def main(args: Args) -> dict:
     offline = OfflineDataset(data, args.rtg_scale, max_ep_len, device)
 
     counters = {"updates": 0, "env_steps": 0, "rounds": 0}
+    meter = StatsMeter()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -891,33 +1042,32 @@ def main(args: Args) -> dict:
         critic.load_state_dict(checkpoint["critic"])
         critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
         counters.update(checkpoint["counters"])
+        meter.load_state_dict(checkpoint["meter"])
         restore_rng_state(rng, checkpoint["rng"])
         print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}")
     logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
     stop = StopFlag()
 
     def checkpoint_now():
+        counters["wall_time_s"] = time.time() - start_time
         if args.save_model:
             save_checkpoint(run_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "log_temperature": log_temperature.detach().cpu(),
                 "temperature_optimizer": temperature_optimizer.state_dict(), "critic": critic.state_dict(),
-                "critic_optimizer": critic_optimizer.state_dict(), "counters": dict(counters), "rng": rng_state(rng)})
+                "critic_optimizer": critic_optimizer.state_dict(), "counters": dict(counters),
+                "meter": meter.state_dict(), "rng": rng_state(rng)})
 
     def run_eval() -> dict:
         return evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, args.ag_steps, args.ag_lr)
 
-    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+    def log_row(extra: dict) -> None:
         row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        if stats_sum is not None and n:
-            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
-            check_finite({k: row[k] for k in keys}, counters, run_dir)
-        row.update(extra)
-        logger.log(row)
+        stats = meter.pop()
+        check_finite(stats, counters, run_dir)
+        logger.log({**row, **stats, **extra})
 
-    start_time = time.time()
-    stats_keys: list[str] = []
-    stats_sum, n_stats, update_time = None, 0, 0.0
+    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
     # Offline training with periodic evaluation (Alg. 1, "Training"; evaluation = "Inference")
     last_ckpt = counters["updates"] // args.checkpoint_interval
@@ -928,22 +1078,19 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer, critic,
                        critic_optimizer, offline, rng, args)
-        stats_keys = list(stats)
-        vec = torch.stack([stats[k] for k in stats_keys])
-        stats_sum = vec if stats_sum is None else stats_sum + vec
-        n_stats += 1
         counters["updates"] += 1
-        update_time += time.perf_counter() - t0
+        meter.add(stats, time.perf_counter() - t0)
         bar.update(1)
         done = counters["updates"] == args.pretrain_updates
-        if counters["updates"] % args.log_interval == 0 or done:
-            extra = {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)}
+        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
+            print_cost_estimate(meter.seconds / max(meter.n, 1), args, max_ep_len)
+        if counters["updates"] % args.log_interval == 0 or counters["updates"] == 1 or done:
+            extra = {"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()}
             if counters["updates"] % args.eval_interval == 0 or done:
                 extra.update(run_eval())
                 final, final_at = {k: v for k, v in extra.items() if k.startswith("eval")}, counters["updates"]
-                bar.set_postfix(rf=f"{extra['eval_rf/return_mean']:.2f}", ag=f"{extra['eval/return_mean']:.2f}")
-            flush(stats_sum, n_stats, stats_keys, extra)
-            stats_sum, n_stats, update_time = None, 0, 0.0
+                bar.set_postfix(rf=f"{extra['eval_rf/return_mean']:.3g}", ag=f"{extra['eval/return_mean']:.3g}")
+            log_row(extra)
             if counters["updates"] // args.checkpoint_interval > last_ckpt or done:
                 last_ckpt = counters["updates"] // args.checkpoint_interval
                 checkpoint_now()
@@ -952,25 +1099,24 @@ def main(args: Args) -> dict:
     if stop.requested:
         checkpoint_now()
         logger.close()
-        print(f"Stopped at update {counters['updates']}. Continue with:\n"
-              f"  python {Path(__file__).name} --resume {run_dir}")
+        mark_stopped(run_dir, counters)
         return {"stopped": True, "run_dir": str(run_dir)}
 
     if final_at != counters["updates"]:  # resumed after the last evaluation
         final = run_eval()
     summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
                "wall_time_s": time.time() - start_time, **final}
-    flush(None, 0, [], {"phase": "final", **final})
+    log_row({"phase": "final", **final})
     if args.capture_video:
         record_video(model, critic, args, data, device, max_ep_len, run_dir)
     if args.save_model:
         torch.save({"model": model.state_dict(), "critic": critic.state_dict()}, run_dir / "model.pt")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
-    print(f"final: RF return {final['eval_rf/return_mean']:.2f} (normalized "
-          f"{final['eval_rf/normalized_score_mean']:.2f}), RF+AG return {final['eval/return_mean']:.2f} ± "
-          f"{final['eval/return_std']:.2f}, normalized score "
-          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    print(f"final: RF return {final['eval_rf/return_mean']:.3g} (normalized "
+          f"{final['eval_rf/normalized_score_mean']:.3g}), RF+AG return {final['eval/return_mean']:.3g} ± "
+          f"{final['eval/return_std']:.3g}, normalized score "
+          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
     return summary
 
 
@@ -1026,7 +1172,14 @@ def record_video(model, critic, args, data, device, max_ep_len, run_dir: Path) -
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        result = main(tyro.cli(Args))
     except (UserError, DatasetError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFinished as done:
+        print(done)
+        sys.exit(0)
+    except KeyboardInterrupt:
+        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
