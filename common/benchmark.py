@@ -37,6 +37,7 @@ seconds, and submitit requeues the task, which continues the run with `--resume`
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -591,6 +592,8 @@ def run_submitit(results: Path, runs: list[Run], args: argparse.Namespace, out=s
         print(f"[sweep] follow it with: python -m common.benchmark {args.sweep} --results {results} --status",
               file=out)
         return 0
+    # without Slurm accounting submitit warns on every status poll ("Bypassing sacct error") and uses squeue
+    logging.getLogger("submitit").setLevel(logging.ERROR)
     start, last, rc = time.time(), "", 0
     ended: dict[int, float] = {}
     while True:
