@@ -1314,17 +1314,20 @@ def main(args: Args) -> dict:
 
     def count_steps(n: int) -> None:
         """Count env steps; evaluate as soon as an --eval-interval boundary is crossed (within one group)."""
-        nonlocal last_eval_step, final, final_at
+        nonlocal last_eval_step, final, final_at, eval_time
         counters["env_steps"] += n
         bar.update(n)
         if counters["env_steps"] // args.eval_interval > last_eval_step:
+            t_eval = time.perf_counter()
             last_eval_step = counters["env_steps"] // args.eval_interval
             final, final_at = run_eval(), counters["updates"]
             flush(None, 0, [], {"phase": "online", **final})
+            eval_time += time.perf_counter() - t_eval
 
+    eval_time = 0.0
     agent_args = (args.eval_context_len, data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
     while counters["env_steps"] < args.online_steps and not stop.requested:
-        t0 = time.perf_counter()
+        t0, eval_time = time.perf_counter(), 0.0
         episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000
         ref_agent = WindowAgent(model, 1, *agent_args)
         ref = reference_rollout(reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
@@ -1348,7 +1351,7 @@ def main(args: Args) -> dict:
                 parts.append(rollout_groups(member_envs, WindowAgent(model, args.group_size, *agent_args), ref,
                                             t[None], episode_seed, args))
                 count_steps(parts[-1]["env_steps"])
-        rollout_time = time.perf_counter() - t0
+        rollout_time = time.perf_counter() - t0 - eval_time
         counters["rounds"] += 1
         extra = {"phase": "online", "rollout/return": float(ref["rewards"].sum()),
                  "rollout/length": float(len(ref["rewards"])),
