@@ -665,14 +665,17 @@ def main(argv: list[str] | None = None) -> int:
                                     else len(sweep.runs))
     if args.status or args.dry_run:
         counts, lines = status_table(results, sweep.runs)
-        print(f"{sweep.path}: {len(sweep.runs)} runs in {results / 'runs'}")
+        print(f"{sweep.path}: {len(sweep.runs)} runs in {results / 'runs'}"
+              + (" (commands relative to the repository, run with the results folder as working directory)"
+                 if args.dry_run else ""))
         if args.dry_run:
             for run, line in zip(sweep.runs, lines, strict=True):
                 print(line)
                 st = cell_state(results, run)
                 if st.state != "done":
-                    cmd = (run.resume_command(st.folder.relative_to(results)) if st.folder else run.command())
-                    print(f"           $ {shlex.join(cmd[1:])}")
+                    cmd = (run.resume_command(st.folder.relative_to(results), "python", Path("."))
+                           if st.folder else run.command("python", Path(".")))
+                    print(f"           $ {shlex.join(cmd)}")
         else:
             print("\n".join(line for line in lines if not line.strip().startswith("done")))
         print(" | ".join(f"{counts[s]} {s}" for s in STATES) +
