@@ -27,16 +27,16 @@ Adam 5e-6. On hopper-random (128×3 model, 1000 pretraining updates, 4–5 round
 and so does GSPO's length-normalised exp(mean_t …) (arXiv 2507.18071; ε 0.05: 0.74 / 0.93, KL 2.7): the step
 size, not the ratio's form, was the cause. At 5e-6: joint 0.36 / 0.56, KL 0.045, a policy gradient in 16 of 16
 updates; --ratio geometric (ε 0.05) 0.40 / 0.78, KL 0.21.
-Logged: train/clip_fraction, train/approx_kl (k3 of the joint ratio in both modes),
-train/live_fraction (members with a gradient), train/effective_updates (updates with one, per round).
+Logged: train/clip_fraction, train/approx_kl (k3 of the joint ratio in both modes), train/live_fraction
+(members with a gradient), train/effective_updates (updates with one, per round).
 Q-GRPO (R, paper Fig. 3c): where the env has no set_state (and its episodes are longer than one step; one-step
 envs branch by reset, whatever their id), or with --advantage critic: no branching. The reference episode is
 rolled with sampled actions; its transitions train a TD3 twin-Q critic (2×256 ReLU on (s, a), target networks,
 τ, γ, target action = the DT's mean action at the next window + clipped noise, --critic-updates-per-step);
 a group is G actions sampled from π_old at one branch state (a one-step member), scored by min(Q1, Q2)(s, a_i).
 Policy updates start after --critic-warmup env steps.
-Unknown in the paper, chosen here: G 8, L_traj 10, 4 groups per round, Adam 5e-5, 4 epochs × 8 members,
-ε, the continuation's RTG, g_online = g_eval (without relabeling the conditional improved is the one rolled
+Unknown in the paper, chosen here: G 8, L_traj 10, 4 groups per round, ε, Adam 5e-6, 4 epochs × 8 members,
+the continuation's RTG, g_online = g_eval (without relabeling the conditional improved is the one rolled
 out), a mean-action reference episode (--reference-sample). Checkpoints also hold the online optimiser, the
 frozen pretrained policy, the critic and its replay, so a stopped run resumes where it was.
 """
