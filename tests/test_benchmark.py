@@ -22,6 +22,7 @@ from common.benchmark import (
     SweepError,
     _minutes,
     cell_state,
+    child_env,
     load_sweep,
     prepare,
     progress_line,
@@ -93,6 +94,11 @@ rf = "reinformer_ag.py"
 def test_bad_sweep_files_are_refused_with_a_reason(tmp_path, body, words):
     with pytest.raises(SweepError, match=words.replace("[", r"\[")):
         load_sweep(write_sweep(tmp_path / "s.toml", body))
+
+
+def test_threads_per_run_reach_the_child_environment():
+    env = child_env(3)
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["OPENBLAS_NUM_THREADS"]) == ("3", "3", "3")
 
 
 def test_time_formats():
