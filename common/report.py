@@ -395,10 +395,9 @@ def write_report(results: Path, out: Path, reps: int = 2000, seed: int = 0, comm
         if exp:
             flags = exp.get("flags", "")
             shared = sweep.get("flags", "")
-            flags = " ".join(f for f in (shared if isinstance(shared, str) else " ".join(shared),
-                                         flags if isinstance(flags, str) else " ".join(flags)) if f)
+            flags = " ".join(" ".join(f if isinstance(f, str) else " ".join(f) for f in (shared, flags)).split())
             md += ["Flags of every run: `" + flags + "`; variants:", ""]
-            md += [f"- `{v}`: `{(exp.get('variants') or {}).get(v, '')}`" for v, _ in cells]
+            md += [f"- `{v}`: `{' '.join(str((exp.get('variants') or {}).get(v, '')).split())}`" for v, _ in cells]
             md += [""]
         md += table(rows) + [""]
         pairs = non_overlapping(rows)
@@ -406,8 +405,10 @@ def write_report(results: Path, out: Path, reps: int = 2000, seed: int = 0, comm
             md += ["Non-overlapping 95 % IQM intervals: " + "; ".join(
                 f"`{a.label}` > `{b.label}` ({_fmt(a.iqm)} [{_fmt(a.lo)}, {_fmt(a.hi)}] vs {_fmt(b.iqm)} "
                 f"[{_fmt(b.lo)}, {_fmt(b.hi)}])" for a, b in pairs) + ".", ""]
-        elif len(rows) > 1:
+        elif len(rows) > 1 and all(len(r.scores) > 1 for r in rows):
             md += ["All 95 % IQM intervals overlap: no difference is established at this number of seeds.", ""]
+        elif len(rows) > 1:
+            md += ["Variants with a single seed have no interval and are not compared.", ""]
         png = out / f"curves_{_slug(key)}.png"
         if plot(rows, title.replace("`", ""), png, max(200, reps // 2), seed):
             md += [f"![{title.replace('`', '')}]({png.name})", ""]
