@@ -282,7 +282,11 @@ def slurm_answers() -> bool:
     if shutil.which("sbatch") is None or shutil.which("squeue") is None:
         return False
     try:
-        return subprocess.run(["squeue", "-h"], capture_output=True, timeout=10).returncode == 0
+        if subprocess.run(["squeue", "-h"], capture_output=True, timeout=10).returncode != 0:
+            return False
+        # and a node that can take a job now, so that the test does not wait on a drained cluster
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
+        return any(s.strip() in ("idle", "mixed") for s in states.splitlines())
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -301,7 +305,7 @@ odt = "odt.py"
 """)
     res = tmp_path / "res"
     out = benchmark(str(sweep), "--results", str(res), "--backend", "slurm", "--time", "10", "--cpus-per-task", "1",
-                    "--wait", timeout=600)
+                    "--wait", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "submitted 2 task(s) as array job" in out.stdout
     assert len(list((res / "runs").glob("*/summary.json"))) == 2
