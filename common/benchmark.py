@@ -356,10 +356,15 @@ def run_local(results: Path, runs: list[Run], workers: int, threads: int, python
     """Run every unfinished cell with `workers` processes of `threads` threads each. Ctrl-C / SIGTERM stops all
     running scripts at their next safe point (they checkpoint and exit 3); re-issuing the command resumes them.
     Returns 0 when every cell is done, 1 when some failed, 3 when stopped."""
-    todo = [r for r in runs if cell_state(results, r).state != "done"]
-    counts = {"done": len(runs) - len(todo), "running": 0, "failed": 0, "pending": len(todo)}
+    states = {r: cell_state(results, r).state for r in runs}
+    todo = [r for r in runs if states[r] not in ("done", "running")]
+    elsewhere = [r for r in runs if states[r] == "running"]  # a live process (another runner, a Slurm task)
+    counts = {"done": len(runs) - len(todo) - len(elsewhere), "running": 0, "failed": 0, "pending": len(todo)}
     print(f"[sweep] {len(runs)} runs, {counts['done']} already done, {len(todo)} to run with {workers} worker(s) "
           f"x {threads} thread(s); logs in {results / 'logs'}", file=out, flush=True)
+    if elsewhere:
+        print(f"[sweep] {len(elsewhere)} run(s) are running in another process and are left alone: "
+              f"{', '.join(r.name for r in elsewhere)}", file=out, flush=True)
     stop = {"requested": False}
 
     def on_signal(signum, frame):
