@@ -255,26 +255,29 @@ def test_one_step_data_get_data_derived_defaults_under_any_id():
 
 
 # --- the motivation toy through both CLIs (paper §3.1) -----------------------------------------------
-TOY = ["--env-id", "toy-vitamin-v0", "--seed", "1", "--embed-dim", "32", "--n-layers", "1", "--n-heads", "1",
+TOY = ["--env-id", "toy-vitamin-v0", "--embed-dim", "32", "--n-layers", "1", "--n-heads", "1",
        "--batch-size", "32", "--warmup-steps", "10", "--learning-rate", "1e-3", "--pretrain-updates", "300",
-       "--online-steps", "30", "--updates-per-round", "20", "--eval-interval", "10", "--eval-episodes", "5",
+       "--online-steps", "100", "--updates-per-round", "10", "--eval-interval", "50", "--eval-episodes", "5",
        "--no-progress"]
 
 
-def toy_evals(script: str, cwd, env) -> list[float]:
+def toy_evals(script: str, cwd, env, *extra: str) -> list[float]:
     cwd.mkdir()
-    run_script(script, *TOY, cwd=cwd, env=env)
+    run_script(script, *TOY, *extra, cwd=cwd, env=env)
     return [r["eval/return_mean"] for r in read_metrics(only_run_dir(cwd)) if "eval/return_mean" in r]
 
 
 @pytest.mark.slow
-def test_toy_td3_finds_the_hidden_peak_odt_does_not(data_env, tmp_path):
-    """Paper §3.1: data on the two feet of r(a), peak r = 1 at a = 0. Conditioning on RTG = 1 gives ODT
-    only ∂a/∂RTG, so it stays near the data; the critic's ∂Q/∂a leads ODT+TD3 to the peak."""
-    td3 = toy_evals("odt_td3.py", tmp_path / "td3", data_env)
-    odt = toy_evals("odt.py", tmp_path / "odt", data_env)
-    assert td3[0] < 0.3 and td3[-1] >= 0.9, td3  # starts at the data's returns, ends at the peak
-    assert max(odt) <= 0.6, odt
+def test_toy_td3_finds_the_hidden_peak_its_control_does_not(data_env, tmp_path):
+    """Paper §3.1: data on the two feet of r(a), peak r = 1 at a = 0. The critic's ∂Q/∂a leads ODT+TD3 to the
+    peak on two seeds; the paper's control — the same script, model, data and budget with the RL term off
+    (--alpha-online 0: a deterministic ODT) — stays on the data's returns. Measured: ODT+TD3 ends at 0.99 / 0.99
+    (seeds 1 / 2), the control at 0.000 / 0.001; both start at 0.14."""
+    for seed in ("1", "2"):
+        td3 = toy_evals("odt_td3.py", tmp_path / f"td3_{seed}", data_env, "--seed", seed)
+        assert td3[0] < 0.3 and td3[-1] >= 0.9, td3  # starts at the data's returns, ends at the peak
+    control = toy_evals("odt_td3.py", tmp_path / "control", data_env, "--seed", "1", "--alpha-online", "0")
+    assert control[-1] <= 0.3, control
 
 
 # --- end to end on the tiny hopper dataset ---------------------------------------------------------------

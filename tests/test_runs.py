@@ -1,0 +1,150 @@
+"""Run-folder behaviour shared by the four scripts, through their CLIs: bad input ends before any work with one
+message and no run folder; a stop request checkpoints within one update wherever the run is, exits 3 and marks
+the folder; the resumed run is identical to one that was never stopped; a finished run is never re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_clear_error, only_run_dir, read_metrics, run_script
+
+SCRIPTS = ["odt.py", "odt_td3.py", "dt_grpo.py", "reinformer_ag.py"]
+TOY_TINY = ["--embed-dim", "16", "--n-layers", "1", "--n-heads", "1", "--batch-size", "16", "--warmup-steps", "10",
+            "--eval-episodes", "2", "--no-progress", "--learning-rate", "1e-3"]
+# Online scripts: a toy run with rounds of 1 env step and 25 updates, so a stop lands inside a round.
+ONLINE_TOY = ["--env-id", "toy-vitamin-v0", *TOY_TINY, "--pretrain-updates", "20", "--online-steps", "12",
+              "--updates-per-round", "25", "--eval-interval", "6", "--checkpoint-interval", "100000"]
+TIMING = ("charts/updates_per_second", "charts/SPS")
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+# --- bad input: one paragraph, exit 2, nothing left behind ---------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags,needle", [
+    (["--pretrain-updates", "-1"], "--pretrain-updates must be ≥ 0"),
+    (["--batch-size", "0"], "--batch-size must be ≥ 1"),
+    (["--context-len", "0"], "--context-len must be ≥ 1"),
+    (["--embed-dim", "30", "--n-heads", "4"], "divisible by --n-heads"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+])
+def test_bad_flags_fail_before_any_work(script, flags, needle, tmp_path, data_env):
+    t0 = time.time()
+    result = run_script(script, "--env-id", "toy-vitamin-v0", *flags, cwd=tmp_path, env=data_env, check=False)
+    assert_clear_error(result, needle)
+    assert not (tmp_path / "runs").exists()  # no run folder for a failed start
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("script", ["odt.py", "odt_td3.py", "dt_grpo.py"])
+def test_negative_online_budget_is_refused(script, tmp_path, data_env):
+    result = run_script(script, "--env-id", "toy-vitamin-v0", "--online-steps", "-5", cwd=tmp_path, env=data_env,
+                        check=False)
+    assert_clear_error(result, "--online-steps must be ≥ 0")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_dataset_leaves_no_run_folder(script, tmp_path, data_env):
+    result = run_script(script, "--env-id", "hoper-medium-v2", cwd=tmp_path, env=data_env, check=False)
+    assert_clear_error(result, "hopper-medium-v2")  # the closest name is suggested
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_unwritable_working_directory_fails_before_loading(tmp_path, data_env):
+    """A read-only file system (a real read-only tmpfs mount) as the working directory."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "none", str(ro)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = run_script("odt.py", "--env-id", "toy-vitamin-v0", cwd=ro, env=data_env, check=False)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert_clear_error(result, "Cannot write the run folder")
+    assert "Read-only file system" in result.stderr
+
+
+# --- stop, resume, finish ----------------------------------------------------------------------------
+def interrupt_when(script: str, args: list[str], cwd: Path, env: dict, ready, sig=signal.SIGTERM) -> tuple:
+    """Start the script, send `sig` once `ready(rows)` holds for its metrics rows; return (rc, seconds from
+    the signal to the exit, stdout)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while True:
+        runs = list((cwd / "runs").glob("*/metrics.jsonl")) if (cwd / "runs").exists() else []
+        if runs and ready(read_metrics(runs[0].parent)):
+            break
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"{script} never reached the point to interrupt:\n{out[-2000:]}\n{err[-3000:]}")
+        time.sleep(0.05)
+    t0 = time.time()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, time.time() - t0, out + err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["odt.py", "odt_td3.py", "dt_grpo.py"])
+def test_stop_inside_a_round_resumes_exactly(script, tmp_path, data_env):
+    """SIGTERM in the online phase: checkpoint within seconds, exit 3, STOPPED in the folder; the resumed run's
+    metrics equal those of a run that was never stopped (wall-clock columns aside)."""
+    (tmp_path / "a").mkdir()
+    run_script(script, *ONLINE_TOY, cwd=tmp_path / "a", env=data_env)
+    reference = without_timing(read_metrics(only_run_dir(tmp_path / "a")))
+
+    (tmp_path / "b").mkdir()
+    online_started = lambda rows: any(r.get("phase") == "online" for r in rows)
+    rc, seconds, out = interrupt_when(script, ONLINE_TOY, tmp_path / "b", data_env, online_started)
+    assert rc == 3, out
+    assert seconds < 10, seconds  # Slurm's KillWait is 30 s
+    run_dir = only_run_dir(tmp_path / "b")
+    assert (run_dir / "STOPPED").exists() and not (run_dir / "summary.json").exists()
+    assert f"--resume {run_dir}" in (run_dir / "STOPPED").read_text()
+    run_script(script, "--resume", str(run_dir), "--no-progress", cwd=tmp_path / "b", env=data_env)
+    assert not (run_dir / "STOPPED").exists() and (run_dir / "summary.json").exists()
+    assert without_timing(read_metrics(run_dir)) == reference
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, data_env):
+    run_script("reinformer_ag.py", "--env-id", "toy-ag-v0", *TOY_TINY, "--pretrain-updates", "5", "--eval-interval",
+               "5", "--ag-steps", "1", cwd=tmp_path, env=data_env)
+    run_dir = only_run_dir(tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    result = run_script("reinformer_ag.py", "--resume", str(run_dir), cwd=tmp_path, env=data_env)
+    assert "has finished" in result.stdout
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_first_metric_row_after_one_update_with_a_cost_estimate(tmp_path, data_env):
+    result = run_script("odt.py", "--env-id", "toy-vitamin-v0", *TOY_TINY, "--pretrain-updates", "5",
+                        "--online-steps", "0", cwd=tmp_path, env=data_env)
+    rows = read_metrics(only_run_dir(tmp_path))
+    assert rows[0]["global_step"] == 1 and "train/nll" in rows[0]
+    assert "cost estimate:" in result.stdout
+
+
+@pytest.mark.slow
+def test_preset_cpu_prints_and_applies_its_values_and_flags_win(tmp_path, data_env):
+    result = run_script("odt.py", "--env-id", "toy-vitamin-v0", "--preset", "cpu", "--embed-dim", "16",
+                        "--pretrain-updates", "2", "--online-steps", "0", "--eval-episodes", "1", "--no-progress",
+                        cwd=tmp_path, env=data_env)
+    config = json.loads((only_run_dir(tmp_path) / "config.json").read_text())["args"]
+    assert "--preset cpu:" in result.stdout and "--n-layers 3" in result.stdout
+    assert config["n_layers"] == 3 and config["batch_size"] == 64  # from the preset
+    assert config["embed_dim"] == 16 and config["pretrain_updates"] == 2  # explicit flags win
