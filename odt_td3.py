@@ -89,8 +89,9 @@ class Args:
     """record videos of the first final-evaluation episode into the run folder"""
     save_model: bool = True
     """write checkpoints (needed for --resume) and the final model"""
-    env_id: str = "hopper-medium-v2"
-    """dataset/environment: a D4RL name (hopper-random-v2, antmaze-umaze-v2, ...), a Minari id, or a toy"""
+    env_id: str = "hopper-random-v2"
+    """dataset/environment: a D4RL name (hopper-medium-v2, antmaze-umaze-v2, ...), a Minari id, or a toy; the
+    default works offline (every *-random-v2 is generated locally when it cannot be found)"""
     dataset_path: str | None = None
     """explicit D4RL .hdf5 file or Minari dataset folder (overrides the lookup)"""
     generate_steps: int = 1_000_000
@@ -257,9 +258,12 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
         table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
     if data.dataset_kind == "random":  # random data: collect ≥ 1000 new transitions per round (paper App. H)
         table.setdefault("min_steps_per_round", 1000)
-    for key, value in table.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
+    for key, value in filled.items():
+        setattr(args, key, value)
+    print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
+          + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                      for k, v in filled.items()))
     missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
                and getattr(args, f.name) is None]
     if missing:
