@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,7 +333,7 @@ def plot(rows: list[Row], title: str, path: Path, reps: int, seed: int) -> bool:
         return False
     ax.set_xlabel(label)
     ax.set_ylabel("normalised score (IQM, 95% CI)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
