@@ -325,8 +325,11 @@ def plot(rows: list[Row], title: str, path: Path, reps: int, seed: int) -> bool:
             xs = np.linspace(float(xs[0]), end, 60)
         ys = np.stack([np.interp(xs, c[0], c[1]) for c in curves])
         mid, lo, hi = iqm_curve(ys, reps, seed)
-        line, = ax.plot(xs, mid, marker="o" if len(xs) <= 12 else None, ms=3, label=f"{row.label} (n={len(ys)})")
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        if len(xs) == 1:  # evaluated only at the end: a point with its interval
+            ax.errorbar(xs, mid, yerr=[mid - lo, hi - mid], fmt="o", capsize=5, label=f"{row.label} (n={len(ys)})")
+        else:
+            line, = ax.plot(xs, mid, marker="o" if len(xs) <= 12 else None, ms=3, label=f"{row.label} (n={len(ys)})")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
         drawn = True
     if not drawn:
         plt.close(fig)
