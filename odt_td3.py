@@ -341,8 +341,8 @@ class DecisionTransformer(nn.Module):
         # PyTorch's default init, as in the ODT reference: with a zero bias LayerNorm(W·x) = LayerNorm(W·cx) for
         # every c > 0, so the return token would carry only the sign of R and every state would lose its norm.
         self.blocks.apply(self._init_weights)
-        # The deterministic head keeps PyTorch's default init (as the DT code's tanh head): ODT's orthogonal init
-        # gives |μ| ≈ √d·|h|/√d ≈ 1-5 before the tanh, which saturates it and stalls the critic's gradient.
+        # The deterministic tanh head keeps PyTorch's default init (small pre-tanh values: the critic's gradient
+        # reaches the weights from the first update).
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
