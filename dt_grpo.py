@@ -22,11 +22,11 @@ also during the continuation), so π_old and π_θ are one conditional and ρ = 
 --relabel is the ablation: ODT's hindsight relabeling with the full achieved return-to-go (the member's
 continuation then runs to the end of its episode; those steps count; the score stays L_traj + L_eval).
 Sequence ratio (--ratio): the paper's joint likelihood ρ = exp(Σ_t log π_θ/π_old) over the L_traj steps, ε 0.2,
-Adam 5e-6. On hopper-random (128×3 model, 1000 pretraining updates, 4–5 rounds of 16 updates) at the former
-5e-5 it leaves [0.8, 1.2] within 1–3 updates (clip fraction 0.78, 0.93 at a round's last update, approx-KL 7.3),
-and so does GSPO's length-normalised exp(mean_t …) (arXiv 2507.18071; ε 0.05: 0.74 / 0.93, KL 2.7): the step
-size, not the ratio's form, was the cause. At 5e-6: joint 0.36 / 0.56, KL 0.045, a policy gradient in 16 of 16
-updates; --ratio geometric (ε 0.05) 0.40 / 0.78, KL 0.21.
+Adam 2e-5. On hopper-random (128×3 model, 1000 pretraining updates; 16 updates per round) at the former 5e-5
+it leaves [0.8, 1.2] within 1–3 updates (clip fraction 0.78, 0.93 at a round's last update, approx-KL 7.3),
+as does GSPO's length-normalised exp(mean_t …) (arXiv 2507.18071; ε 0.05: 0.74 / 0.93, KL 2.7): the step
+size, not the ratio's form, is the cause. At 5e-6: clip 0.36 / 0.56, KL 0.045, but the policy hardly improves
+in 20k env steps; 2e-5 (clip 0.57, KL 0.2 over two 20k-step runs) improves almost as fast as 5e-5.
 Logged: train/clip_fraction, train/approx_kl (k3 of the joint ratio in both modes), train/live_fraction
 (members with a gradient), train/effective_updates (updates with one, per round).
 Q-GRPO (R, paper Fig. 3c): where the env has no set_state (and its episodes are longer than one step; one-step
@@ -35,7 +35,7 @@ rolled with sampled actions; its transitions train a TD3 twin-Q critic (2×256 R
 τ, γ, target action = the DT's mean action at the next window + clipped noise, --critic-updates-per-step);
 a group is G actions sampled from π_old at one branch state (a one-step member), scored by min(Q1, Q2)(s, a_i).
 Policy updates start after --critic-warmup env steps.
-Unknown in the paper, chosen here: G 8, L_traj 10, 4 groups per round, ε, Adam 5e-6, 4 epochs × 8 members,
+Unknown in the paper, chosen here: G 8, L_traj 10, 4 groups per round, ε, Adam 2e-5, 4 epochs × 8 members,
 the continuation's RTG, g_online = g_eval (without relabeling the conditional improved is the one rolled
 out), a mean-action reference episode (--reference-sample). Checkpoints also hold the online optimiser, the
 frozen pretrained policy, the critic and its replay, so a stopped run resumes where it was.
@@ -232,7 +232,7 @@ GRPO_DEFAULTS: dict[str, dict] = {
                      grpo_epochs=4, grpo_minibatch=0),
     "antmaze": dict(sub_len=20),
 }
-GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=400, groups_per_round=4, online_learning_rate=5e-6,
+GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=400, groups_per_round=4, online_learning_rate=2e-5,
                             grpo_epochs=4, grpo_minibatch=8)
 CLIP_EPS = {"joint": 0.2, "geometric": 0.05}  # ε per --ratio (measured: module docstring)
 
