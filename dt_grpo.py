@@ -43,6 +43,7 @@ frozen pretrained policy, the critic and its replay, so a stopped run resumes wh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -51,6 +52,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +89,9 @@ class Args:
     """record videos of the first final-evaluation episode into the run folder"""
     save_model: bool = True
     """write checkpoints (needed for --resume) and the final model"""
-    env_id: str = "hopper-medium-v2"
-    """dataset/environment: a D4RL name (hopper-random-v2, antmaze-umaze-v2, ...), a Minari id, or a toy"""
+    env_id: str = "hopper-random-v2"
+    """dataset/environment: a D4RL name (hopper-medium-v2, antmaze-umaze-v2, ...), a Minari id, or a toy; the
+    default works offline (every *-random-v2 is generated locally when it cannot be found)"""
     dataset_path: str | None = None
     """explicit D4RL .hdf5 file or Minari dataset folder (overrides the lookup)"""
     generate_steps: int = 1_000_000
@@ -113,6 +116,12 @@ class Args:
     """continue the run in this folder from its last checkpoint (its saved config is used)"""
     progress: bool = True
     """show progress bars"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """paper: the paper's model and budgets; cpu: a CPU-scale protocol (small model, short budgets; values
+    printed at start-up, see PRESETS) for every flag left at its default"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """transformer forward/backward and rollouts under bf16 autocast, or fp32; auto: bf16 where the hardware
+    has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
 
     # Algorithm specific arguments
     embed_dim: int | None = None
@@ -237,6 +246,18 @@ GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=400, groups_per_r
 CLIP_EPS = {"joint": 0.2, "geometric": 0.05}  # ε per --ratio (measured: module docstring)
 
 
+# The CPU-scale protocol (--preset cpu): ODT's CPU-scale pretraining, then 20k online env steps of GRPO.
+PRESETS: dict[str, dict] = {
+    "cpu": dict(embed_dim=128, n_layers=3, n_heads=1, batch_size=64, warmup_steps=1000, pretrain_updates=1000,
+                online_steps=20_000, eval_interval=5000, eval_episodes=5),
+}
+# Smallest valid value of each numeric flag (checked before any work; GRPO's own settings in setup()).
+VALID_MIN = dict(generate_steps=1, pretrain_updates=0, online_steps=0, updates_per_round=1, min_steps_per_round=0,
+                 eval_interval=1, eval_episodes=1, log_interval=1, checkpoint_interval=1, embed_dim=1, n_layers=1,
+                 n_heads=1, context_len=1, eval_context_len=1, batch_size=1, learning_rate=0.0, weight_decay=0.0,
+                 warmup_steps=1, grad_clip=0.0, init_temperature=1e-8, temperature_lr=0.0, rtg_scale=1e-12)
+
+
 def one_step_defaults(data: OfflineData) -> dict:
     """Return scale and target return of a one-step dataset (every episode a single step, such as the papers'
     toys under any id), derived from its data: RTG tokens scaled so that |R| ≤ 1, and the target is the best
@@ -263,9 +284,12 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     table["g_online"] = table.get("g_eval")
     table.setdefault("clip_eps", CLIP_EPS[args.ratio])
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
-    for key, value in table.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
+    for key, value in filled.items():
+        setattr(args, key, value)
+    print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
+          + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                      for k, v in filled.items()))
     missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
                and getattr(args, f.name) is None]
     if missing:
@@ -323,8 +347,9 @@ class DecisionTransformer(nn.Module):
     """GPT over interleaved (R_t, s_t, a_t) tokens; the action is read at the state token (§3.1)."""
 
     def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
-                 dropout: float, max_ep_len: int, use_timestep_embedding: bool):
+                 dropout: float, max_ep_len: int, use_timestep_embedding: bool, precision: str = "fp32"):
         super().__init__()
+        self.bf16 = precision == "bf16"  # autocast of embeddings and blocks; heads and losses stay fp32
         self.embed_rtg = nn.Linear(1, embed_dim)
         self.embed_state = nn.Linear(state_dim, embed_dim)
         self.embed_action = nn.Linear(act_dim, embed_dim)
@@ -340,9 +365,8 @@ class DecisionTransformer(nn.Module):
         # PyTorch's default init, as in the ODT reference: with a zero bias LayerNorm(W·x) = LayerNorm(W·cx) for
         # every c > 0, so the return token would carry only the sign of R and every state would lose its norm.
         self.blocks.apply(self._init_weights)
-        for head in (self.mu_head, self.log_std_head):  # orthogonal weights, zero bias (ODT reference's head)
-            nn.init.orthogonal_(head.weight)
-            nn.init.zeros_(head.bias)
+        for head in (self.mu_head, self.log_std_head):  # small, not orthogonal as in the reference: see docstring
+            self._init_weights(head)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -354,16 +378,19 @@ class DecisionTransformer(nn.Module):
     def forward(self, rtg, states, actions, timesteps, valid) -> torch.Tensor:
         """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K), valid (B,K) → (B,K,d) at s_t."""
         b, k = states.shape[:2]
-        tokens = torch.stack(
-            (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
-        )
-        if self.embed_timestep is not None:
-            tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
-        x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
-        mask = attention_mask(valid)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+        # bf16 autocast only when asked; otherwise leave any caller's autocast alone (odt_td3's bf16 targets)
+        with torch.autocast(states.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+            tokens = torch.stack(
+                (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
+            )
+            if self.embed_timestep is not None:
+                tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
+            x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
+            mask = attention_mask(valid)
+            for block in self.blocks:
+                x = block(x, mask)
+            x = self.ln_f(x)
+        return x.float().reshape(b, k, 3, -1)[:, :, 1]
 
     def action_dist(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of the pre-tanh Gaussian; log-std squashed into [−5, 2] (eq. 2)."""
@@ -1062,6 +1089,66 @@ class NonFiniteLossError(UserError):
     pass
 
 
+class RunFinished(Exception):
+    """--resume of a run that has already finished: nothing to do."""
+
+
+EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def apply_preset(args: Args) -> Args:
+    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field still at its default."""
+    if args.preset == "paper":
+        return args
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    changed = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == defaults[k]}
+    for key, value in changed.items():
+        setattr(args, key, value)
+    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
+    return args
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
+    writable: a probe file is created and removed, which also catches read-only file systems."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
+                        f"or make {existing} writable.") from None
+
+
+def validate_args(args: Args) -> None:
+    """Budgets and sizes, checked before the dataset is loaded."""
+    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
+                and getattr(args, name) < low}
+    if at_least:
+        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
+                                                     for k, v in at_least.items()) + ".")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
+    if args.embed_dim is not None and args.embed_dim % args.n_heads:
+        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
+                        f"({args.n_heads}).")
+
+
 class RunLogger:
     """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
 
@@ -1093,11 +1180,11 @@ class RunLogger:
 
 
 def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Create a fresh run folder, or validate --resume and load its config and checkpoint."""
+    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
     script = Path(__file__).name
-    if args.resume is None:
+    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
         run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir, "the run folder")
         return args, run_dir, None
     run_dir = Path(args.resume)
     config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
@@ -1108,17 +1195,37 @@ def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
     if config.get("script") != script:
         raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
                         f"not {script}. Resume it with that script.")
+    if (run_dir / "summary.json").is_file():
+        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
+                          f"Start a new run to train again.")
+    check_writable(run_dir, "checkpoints and metrics")
     if not ckpt_path.is_file():
         raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
                         f"or was started with --no-save-model). Start a new run instead.")
     fields = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
     saved.resume, saved.progress = args.resume, args.progress
+    (run_dir / "STOPPED").unlink(missing_ok=True)
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or corrupt file
         raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
     return saved, run_dir, checkpoint
+
+
+def start_run_folder(run_dir: Path, config: dict) -> None:
+    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
+    if not (run_dir / "config.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def mark_stopped(run_dir: Path, counters: dict) -> None:
+    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
+    command = f"python {Path(sys.argv[0]).name} --resume {run_dir}"
+    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
+                                     f"continue with:\n  {command}\n")
+    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -1157,6 +1264,49 @@ class StopFlag:
         print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
 
 
+class StatsMeter:
+    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
+    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.sum: torch.Tensor | None = None
+        self.n, self.seconds = 0, 0.0
+
+    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
+        self.keys = list(stats)
+        vec = torch.stack([stats[k].float() for k in self.keys])
+        self.sum = vec if self.sum is None else self.sum + vec
+        self.n, self.seconds = self.n + 1, self.seconds + seconds
+
+    def updates_per_second(self) -> float:
+        return self.n / max(self.seconds, 1e-9)
+
+    def pop(self) -> dict[str, float]:
+        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
+        self.sum, self.n, self.seconds = None, 0, 0.0
+        return means
+
+    def state_dict(self) -> dict:
+        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
+
+
+def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
+    """What the whole run costs on this device at this size, from the time of the first few updates."""
+    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
+        f"{n * seconds_per_update / 60:.3g} min"
+    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
+           f"{hours(args.pretrain_updates)}"
+    if online_updates:
+        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
+    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
+        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
+    print(text + ".")
+
+
 def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
@@ -1169,24 +1319,25 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
 
 
 def main(args: Args) -> dict:
-    if args.resume is None:
-        args, data, use_critic = setup(args)
+    validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
-    if checkpoint is not None:
-        args, data, use_critic = setup(args)
+    args = apply_preset(args) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    (run_dir / "config.json").write_text(json.dumps(
-        {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device),
-         "advantage": "critic" if use_critic else "group"}, indent=2))
+    args.precision = resolve_precision(args.precision, device)
+
+    args, data, use_critic = setup(args)  # dataset, defaults, GRPO settings and env checks: before the folder
+    validate_args(args)
+    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device),
+                               "advantage": "critic" if use_critic else "group"})
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device}, advantages from {'a twin-Q critic (Q-GRPO)' if use_critic else 'group returns'}, "
-          f"run folder {run_dir}")
+          f"device {device} ({args.precision}), advantages from "
+          f"{'a twin-Q critic (Q-GRPO)' if use_critic else 'group returns'}, run folder {run_dir}")
 
     eval_envs = make_vector_env(data.make_env, args.eval_episodes)
     reference_env = data.make_env()
@@ -1195,7 +1346,7 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: model, optimisers, replay
     model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
-                                args.dropout, max_ep_len, args.use_timestep_embedding).to(device)
+                                args.dropout, max_ep_len, args.use_timestep_embedding, args.precision).to(device)
     optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
@@ -1213,6 +1364,10 @@ def main(args: Args) -> dict:
     critic_replay = CriticReplay(args.critic_buffer)
 
     counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
+    meter = StatsMeter()
+    # A round in progress (reference episode, groups collected so far, then the minibatches still to train on):
+    # part of the checkpoint, so a stop inside a round resumes it exactly.
+    round_state: dict = {}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1230,6 +1385,8 @@ def main(args: Args) -> dict:
             critic_optimizer.load_state_dict(checkpoint["critic"]["optimizer"])
             critic_replay.__dict__.update(checkpoint["critic"]["replay"])
         counters.update(checkpoint["counters"])
+        meter.load_state_dict(checkpoint["meter"])
+        round_state = checkpoint["round_state"]
         restore_rng_state(rng, checkpoint["rng"])
         print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
               f"env step {counters['env_steps']}")
@@ -1237,6 +1394,7 @@ def main(args: Args) -> dict:
     stop = StopFlag()
 
     def checkpoint_now():
+        counters["wall_time_s"] = time.time() - start_time
         if args.save_model:
             save_checkpoint(run_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -1247,27 +1405,21 @@ def main(args: Args) -> dict:
                 "critic": None if not use_critic else {
                     "critic": critic.state_dict(), "target": critic_target.state_dict(),
                     "optimizer": critic_optimizer.state_dict(), "replay": dict(critic_replay.__dict__)},
-                "counters": dict(counters), "rng": rng_state(rng)})
+                "counters": dict(counters), "meter": meter.state_dict(), "round_state": round_state,
+                "rng": rng_state(rng)})
 
     def run_eval() -> dict:
         agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
         seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
         return evaluate(eval_envs, agent, seeds, data.normalized_score)
 
-    def flush(stats_sum: torch.Tensor | None, n: int, keys: list[str], extra: dict) -> None:
+    def log_row(extra: dict) -> None:
         row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        if stats_sum is not None and n:
-            row.update(zip(keys, (stats_sum / n).tolist(), strict=True))
-            check_finite({k: row[k] for k in keys}, counters, run_dir)
-        row.update(extra)
-        logger.log(row)
+        stats = meter.pop()
+        check_finite(stats, counters, run_dir)
+        logger.log({**row, **stats, **extra})
 
-    start_time = time.time()
-    stats_keys: list[str] = []
-    stats_sum, n_stats, update_time = None, 0, 0.0
-
-    def train_step(source: TrajectoryReplay | dict, idx: torch.Tensor | None = None) -> None:
-        nonlocal stats_sum, n_stats, update_time, stats_keys
+    def train_step(source: TrajectoryReplay | dict, idx: torch.Tensor | None = None) -> dict:
         t0 = time.perf_counter()
         if idx is None:
             stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer,
@@ -1275,25 +1427,26 @@ def main(args: Args) -> dict:
         else:
             stats = grpo_update(model, ref_model, online_optimizer, log_temperature, temperature_optimizer,
                                 source, idx, args)
-        stats_keys = list(stats)
-        vec = torch.stack([stats[k] for k in stats_keys])
-        stats_sum = vec if stats_sum is None else stats_sum + vec
-        n_stats += 1
         counters["updates"] += 1
-        update_time += time.perf_counter() - t0
+        meter.add(stats, time.perf_counter() - t0)
         return stats
 
-    # Offline pretraining (Alg. 1 lines 1-3)
+    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+    # Offline pretraining (ODT, arXiv 2202.05607 Alg. 1 lines 1-3). The first row comes after one update.
     last_ckpt = counters["updates"] // args.checkpoint_interval
     bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
                desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
     while counters["updates"] < args.pretrain_updates and not stop.requested:
         train_step(offline)
         bar.update(1)
-        if counters["updates"] % args.log_interval == 0 or counters["updates"] == args.pretrain_updates:
-            flush(stats_sum, n_stats, stats_keys,
-                  {"phase": "pretrain", "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
-            stats_sum, n_stats, update_time = None, 0, 0.0
+        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
+            # rounds ≥ online_steps / (groups × G × (L + L_eval)) steps; grpo_epochs × minibatches updates each
+            members = args.groups_per_round * args.group_size
+            rounds = args.online_steps / (members * (args.sub_len + args.cont_len))
+            online = rounds * args.grpo_epochs * math.ceil(members / (args.grpo_minibatch or members))
+            print_cost_estimate(meter.seconds / max(meter.n, 1), args, online)
+        if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
+            log_row({"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()})
             if counters["updates"] // args.checkpoint_interval > last_ckpt:
                 last_ckpt = counters["updates"] // args.checkpoint_interval
                 checkpoint_now()
@@ -1301,12 +1454,13 @@ def main(args: Args) -> dict:
     if not stop.requested and not counters["pretrain_evaluated"]:
         metrics = run_eval()
         counters["pretrain_evaluated"] = True
-        flush(None, 0, [], {"phase": "pretrain", **metrics})
-        print(f"after pretraining: return {metrics['eval/return_mean']:.1f}, "
-              f"normalized score {metrics['eval/normalized_score_mean']:.2f}")
+        log_row({"phase": "pretrain", **metrics})
+        print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
+              f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
         checkpoint_now()
 
-    # Online finetuning with GRPO only (arXiv 2601.00167)
+    # Online finetuning with GRPO only (arXiv 2601.00167). A round: reference episode, groups (one at a time),
+    # then grpo_epochs × minibatch updates. A stop request is honoured between two groups or two updates.
     if ref_model is None:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
     bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
@@ -1316,71 +1470,94 @@ def main(args: Args) -> dict:
 
     def count_steps(n: int) -> None:
         """Count env steps; evaluate as soon as an --eval-interval boundary is crossed (within one group)."""
-        nonlocal last_eval_step, final, final_at, eval_time
+        nonlocal last_eval_step, final, final_at
         counters["env_steps"] += n
         bar.update(n)
         if counters["env_steps"] // args.eval_interval > last_eval_step:
             t_eval = time.perf_counter()
             last_eval_step = counters["env_steps"] // args.eval_interval
             final, final_at = run_eval(), counters["updates"]
-            flush(None, 0, [], {"phase": "online", **final})
-            eval_time += time.perf_counter() - t_eval
+            logger.log({"global_step": counters["updates"], "env_steps": counters["env_steps"],
+                        "rounds": counters["rounds"], "phase": "online", **final})
+            round_state["eval_time"] = round_state.get("eval_time", 0.0) + time.perf_counter() - t_eval
 
-    eval_time = 0.0
     agent_args = (args.eval_context_len, data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
-    while counters["env_steps"] < args.online_steps and not stop.requested:
-        t0, eval_time = time.perf_counter(), 0.0
-        episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000
-        ref_agent = WindowAgent(model, 1, *agent_args)
-        ref = reference_rollout(reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
-                                args.reference_sample or use_critic)  # Q-GRPO learns from sampled episodes
-        count_steps(len(ref["rewards"]))
-        gap = args.sub_len if args.branch_gap is None else args.branch_gap
-        t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)  # active sampling
-        parts, critic_loss = [], float("nan")
-        if use_critic:
-            critic_replay.add_episode(ref_agent, ref)
-            losses = [critic_update(critic, critic_target, critic_optimizer, model,
-                                    critic_replay.sample(args.batch_size, rng), args)
-                      for _ in range(max(1, round(len(ref["rewards"]) * args.critic_updates_per_step)))]
-            critic_loss = float(torch.stack(losses).mean())
-            if counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
-                parts.append(critic_groups(model, critic, ref_agent, ref, t0s, args.group_size))
-        else:  # one group at a time, so the budget and evaluation interval hold to within one group
-            for t in t0s:
-                if counters["env_steps"] >= args.online_steps or stop.requested:
+    while not stop.requested:
+        if not round_state:  # a new round: the reference episode and its branch points
+            if counters["env_steps"] >= args.online_steps:
+                break
+            t_ref = time.perf_counter()
+            round_state.update(eval_time=0.0, rollout_time=0.0, parts=[], next_group=0, critic_loss=float("nan"))
+            episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000
+            ref_agent = WindowAgent(model, 1, *agent_args)
+            ref = reference_rollout(reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
+                                    args.reference_sample or use_critic)  # Q-GRPO learns from sampled episodes
+            round_state["rollout_time"] += time.perf_counter() - t_ref
+            count_steps(len(ref["rewards"]))
+            gap = args.sub_len if args.branch_gap is None else args.branch_gap
+            t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)  # active sampling
+            round_state.update(ref=ref, t0s=t0s, episode_seed=episode_seed)
+            if use_critic:
+                critic_replay.add_episode(ref_agent, ref)
+                losses = [critic_update(critic, critic_target, critic_optimizer, model,
+                                        critic_replay.sample(args.batch_size, rng), args)
+                          for _ in range(max(1, round(len(ref["rewards"]) * args.critic_updates_per_step)))]
+                round_state["critic_loss"] = float(torch.stack(losses).mean())
+                if counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
+                    round_state["parts"].append(critic_groups(model, critic, ref_agent, ref, t0s, args.group_size))
+                round_state["next_group"] = len(t0s)
+        ref, t0s = round_state["ref"], round_state["t0s"]
+        if "perms" not in round_state:  # collecting: one group at a time, so budgets hold to within one group
+            t_collect = time.perf_counter()
+            while round_state["next_group"] < len(t0s) and not stop.requested:
+                if counters["env_steps"] >= args.online_steps:
+                    round_state["next_group"] = len(t0s)
                     break
-                parts.append(rollout_groups(member_envs, WindowAgent(model, args.group_size, *agent_args), ref,
-                                            t[None], episode_seed, args))
-                count_steps(parts[-1]["env_steps"])
-        rollout_time = time.perf_counter() - t0 - eval_time
-        counters["rounds"] += 1
-        extra = {"phase": "online", "rollout/return": float(ref["rewards"].sum()),
-                 "rollout/length": float(len(ref["rewards"])),
-                 "rollout/groups": sum(len(p["t0"]) for p in parts) // args.group_size,
-                 "rollout/branch_step_mean": float(t0s.mean()),
-                 "charts/SPS": (len(ref["rewards"]) + sum(p["env_steps"] for p in parts)) / max(rollout_time, 1e-9)}
-        if use_critic:
-            extra["train/critic_loss"] = critic_loss
-        if parts:
-            groups = concat_groups(parts)
-            batch = make_grpo_batch(model, groups, ref, args)
-            n_members = len(groups["t0"])
-            effective = 0.0
-            for _ in range(args.grpo_epochs):
-                perm = torch.as_tensor(rng.permutation(n_members), device=device)
-                for idx in perm.split(args.grpo_minibatch or n_members):
-                    effective += float(train_step(batch, idx)["train/effective_update"])
-            extra.update({"rollout/group_return": float(groups["scores"].mean()),
-                          "train/group_return_std": float(batch["group_return_std"]),
-                          "train/effective_updates": effective,
-                          "charts/updates_per_second": n_stats / max(update_time, 1e-9)})
+                t = t0s[round_state["next_group"]]
+                agent = WindowAgent(model, args.group_size, *agent_args)
+                round_state["parts"].append(rollout_groups(member_envs, agent, ref, t[None],
+                                                           round_state["episode_seed"], args))
+                round_state["next_group"] += 1
+                count_steps(round_state["parts"][-1]["env_steps"])
+            round_state["rollout_time"] += time.perf_counter() - t_collect
+            if round_state["next_group"] < len(t0s):
+                break  # stopped between two groups
+            parts = round_state["parts"]
+            counters["rounds"] += 1
+            round_state["extra"] = {
+                "phase": "online", "rollout/return": float(ref["rewards"].sum()),
+                "rollout/length": float(len(ref["rewards"])),
+                "rollout/groups": sum(len(p["t0"]) for p in parts) // args.group_size,
+                "rollout/branch_step_mean": float(t0s.mean()),
+                "charts/SPS": (len(ref["rewards"]) + sum(p["env_steps"] for p in parts)) / max(
+                    round_state["rollout_time"] - round_state["eval_time"], 1e-9)}
+            if use_critic:
+                round_state["extra"]["train/critic_loss"] = round_state["critic_loss"]
+            round_state["perms"], round_state["effective"] = [], 0.0
+            if parts:
+                groups = concat_groups(parts)
+                round_state["batch"] = make_grpo_batch(model, groups, ref, args)
+                n_members = len(groups["t0"])
+                for _ in range(args.grpo_epochs):
+                    perm = torch.as_tensor(rng.permutation(n_members), device=device)
+                    round_state["perms"] += list(perm.split(args.grpo_minibatch or n_members))
+                round_state["extra"].update({"rollout/group_return": float(groups["scores"].mean()),
+                                             "train/group_return_std": float(round_state["batch"]["group_return_std"])})
+        while round_state["perms"] and not stop.requested:
+            stats = train_step(round_state["batch"], round_state["perms"].pop(0))
+            round_state["effective"] += float(stats["train/effective_update"])
+        if round_state["perms"]:
+            break  # stopped between two updates
+        extra = round_state["extra"]
+        if "batch" in round_state:
+            extra.update({"train/effective_updates": round_state["effective"],
+                          "charts/updates_per_second": meter.updates_per_second()})
         if counters["env_steps"] >= args.online_steps and final_at != counters["updates"]:
             final, final_at = run_eval(), counters["updates"]
             extra.update(final)
-        flush(stats_sum, n_stats, stats_keys, extra)
-        stats_sum, n_stats, update_time = None, 0, 0.0
-        bar.set_postfix(ret=f"{extra['rollout/return']:.1f}")
+        log_row(extra)
+        bar.set_postfix(ret=f"{extra['rollout/return']:.4g}")
+        round_state.clear()
         if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
             last_ckpt = counters["updates"] // args.checkpoint_interval
             checkpoint_now()
@@ -1389,23 +1566,22 @@ def main(args: Args) -> dict:
     if stop.requested:
         checkpoint_now()
         logger.close()
-        print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n"
-              f"  python {Path(__file__).name} --resume {run_dir}")
+        mark_stopped(run_dir, counters)
         return {"stopped": True, "run_dir": str(run_dir)}
 
     if final_at != counters["updates"]:  # the last round did not evaluate (or there was no online phase)
         final = run_eval()
     summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
                "wall_time_s": time.time() - start_time, **final}
-    flush(None, 0, [], {"phase": "final", **final})
+    log_row({"phase": "final", **final})
     if args.capture_video:
         record_video(model, args, data, device, max_ep_len, run_dir)
     if args.save_model:
         torch.save(model.state_dict(), run_dir / "model.pt")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
-    print(f"final: return {final['eval/return_mean']:.1f} ± {final['eval/return_std']:.1f}, normalized score "
-          f"{final['eval/normalized_score_mean']:.2f} ± {final['eval/normalized_score_std']:.2f} → {run_dir}")
+    print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
+          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
     return summary
 
 
@@ -1431,7 +1607,14 @@ def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        result = main(tyro.cli(Args))
     except (UserError, DatasetError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFinished as done:
+        print(done)
+        sys.exit(0)
+    except KeyboardInterrupt:
+        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)

@@ -44,6 +44,7 @@ Deliberate differences from the authors' reference implementation (built on the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -354,7 +355,8 @@ class DecisionTransformer(nn.Module):
     def forward(self, rtg, states, actions, timesteps, valid) -> torch.Tensor:
         """rtg (B,K), states (B,K,S), actions (B,K,A), timesteps (B,K), valid (B,K) → (B,K,d) at s_t."""
         b, k = states.shape[:2]
-        with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # bf16 autocast only when asked; otherwise leave any caller's autocast alone (odt_td3's bf16 targets)
+        with torch.autocast(states.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             tokens = torch.stack(
                 (self.embed_rtg(rtg.unsqueeze(-1)), self.embed_state(states), self.embed_action(actions)), dim=2
             )
@@ -907,17 +909,15 @@ class StatsMeter:
         self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
 
 
-def print_cost_estimate(seconds_per_update: float, args: Args, max_ep_len: int) -> None:
+def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
     """What the whole run costs on this device at this size, from the time of the first few updates."""
-    rounds = getattr(args, "online_steps", 0) / max(getattr(args, "min_steps_per_round", 0) or 0, max_ep_len)
-    online = rounds * getattr(args, "updates_per_round", 0)
     hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
         f"{n * seconds_per_update / 60:.3g} min"
     text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
            f"{hours(args.pretrain_updates)}"
-    if online:
-        text += f", finetuning ≥ {online:.0f} updates ≈ {hours(online)} (more if episodes end early)"
-    if (args.pretrain_updates + online) * seconds_per_update > 4 * 3600 and args.preset == "paper":
+    if online_updates:
+        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
+    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
         text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
     print(text + ".")
 
@@ -1035,7 +1035,8 @@ def main(args: Args) -> dict:
         train_step(offline, args.alpha_pretrain)  # critic trained during pretraining too; α_pre = 0 except AntMaze
         bar.update(1)
         if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
-            print_cost_estimate(meter.seconds / max(meter.n, 1), args, max_ep_len)
+            rounds = args.online_steps / max(args.min_steps_per_round or 0, max_ep_len)  # ≥ 1 episode each
+            print_cost_estimate(meter.seconds / max(meter.n, 1), args, rounds * args.updates_per_round)
         if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
             log_row({"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()})
             if counters["updates"] // args.checkpoint_interval > last_ckpt:
