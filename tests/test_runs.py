@@ -102,18 +102,20 @@ def interrupt_when(script: str, args: list[str], cwd: Path, env: dict, ready, si
 def test_stop_inside_a_round_resumes_exactly(script, tmp_path, data_env):
     """SIGTERM in the online phase: checkpoint within seconds, exit 3, STOPPED in the folder; the resumed run's
     metrics equal those of a run that was never stopped (wall-clock columns aside)."""
+    # dt_grpo's toy round is 4 groups × 16 members: a longer budget gives it several rounds
+    args = [*ONLINE_TOY, "--online-steps", "400", "--eval-interval", "130"] if script == "dt_grpo.py" else ONLINE_TOY
     (tmp_path / "a").mkdir()
-    run_script(script, *ONLINE_TOY, cwd=tmp_path / "a", env=data_env)
+    run_script(script, *args, cwd=tmp_path / "a", env=data_env)
     reference = without_timing(read_metrics(only_run_dir(tmp_path / "a")))
 
     (tmp_path / "b").mkdir()
     online_started = lambda rows: any(r.get("phase") == "online" for r in rows)
-    rc, seconds, out = interrupt_when(script, ONLINE_TOY, tmp_path / "b", data_env, online_started)
+    rc, seconds, out = interrupt_when(script, args, tmp_path / "b", data_env, online_started)
     assert rc == 3, out
     assert seconds < 10, seconds  # Slurm's KillWait is 30 s
     run_dir = only_run_dir(tmp_path / "b")
     assert (run_dir / "STOPPED").exists() and not (run_dir / "summary.json").exists()
-    assert f"--resume {run_dir}" in (run_dir / "STOPPED").read_text()
+    assert f"--resume runs/{run_dir.name}" in (run_dir / "STOPPED").read_text()
     run_script(script, "--resume", str(run_dir), "--no-progress", cwd=tmp_path / "b", env=data_env)
     assert not (run_dir / "STOPPED").exists() and (run_dir / "summary.json").exists()
     assert without_timing(read_metrics(run_dir)) == reference
