@@ -390,7 +390,7 @@ class DecisionTransformer(nn.Module):
             for block in self.blocks:
                 x = block(x, mask)
             x = self.ln_f(x)
-        return x.float().reshape(b, k, 3, -1)[:, :, 1]
+        return x.to(states.dtype).reshape(b, k, 3, -1)[:, :, 1]  # fp32 out of a bf16 autocast
 
     def action_dist(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of the pre-tanh Gaussian; log-std squashed into [−5, 2] (eq. 2)."""

@@ -367,7 +367,7 @@ class DecisionTransformer(nn.Module):
             for block in self.blocks:
                 x = block(x, mask)
             x = self.ln_f(x)
-        return x.float().reshape(b, k, 3, -1)[:, :, 1]
+        return x.to(states.dtype).reshape(b, k, 3, -1)[:, :, 1]  # fp32 out of a bf16 autocast
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
         """Deterministic action μ = tanh(Linear(h)) (the DT is the TD3 actor: no Gaussian, no entropy)."""

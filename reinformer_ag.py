@@ -341,7 +341,7 @@ class Trunk(nn.Module):
             mask = None if valid is None else attention_mask(valid)
             for block in self.blocks:
                 x = block(x, mask)
-        return x.float().reshape(b, k, 3, -1)
+        return x.to(states.dtype).reshape(b, k, 3, -1)  # fp32 out of a bf16 autocast
 
 
 class Reinformer(nn.Module):

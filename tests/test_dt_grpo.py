@@ -325,7 +325,7 @@ def test_qgrpo_on_mujoco_without_set_state():
     torch.manual_seed(0)
     model = tiny_model(dropout=0.0)
     args = grpo_args(group_size=6, groups_per_round=3, sub_len=1, batch_size=64, grpo_minibatch=6, grpo_epochs=2,
-                     online_learning_rate=1e-3)
+                     online_learning_rate=2e-4)
     env = NoRestore(gym.make("Hopper-v5"))
     assert not dt_grpo.can_restore(env)
     agent = window_agent(model, 1, args)
