@@ -419,7 +419,7 @@ def test_dt_grpo_end_to_end(tiny_hopper, tmp_path):
     result, run_dir, rows = run_and_read("dt_grpo.py", *E2E, cwd=tmp_path, env=tiny_hopper)
     pre = [r for r in rows if r["phase"] == "pretrain" and "train/nll" in r]
     online = round_rows(rows)
-    assert len(pre) == 4 and online, rows
+    assert len(pre) == 5 and pre[0]["global_step"] == 1 and online, rows  # first row after one update
     assert pre[-1]["train/nll"] < pre[0]["train/nll"]
     keys = ("train/ratio_mean", "train/ratio_max", "train/clip_fraction", "train/group_return_std",
             "train/approx_kl", "train/entropy", "train/policy_loss", "train/live_fraction")

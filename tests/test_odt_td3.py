@@ -306,7 +306,7 @@ def test_odt_td3_end_to_end(tiny_hopper, tmp_path):
     assert (config["g_eval"], config["g_online"], config["policy_interval"], config["gamma"]) == (3600, 7200, 2, 0.99)
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert {"model", "model_target", "critic", "critic_target", "critic_optimizer"} <= set(ckpt)
-    assert "next_observations" in ckpt["replay"][0] and (run_dir / "model.pt").exists()
+    assert "next_observations" in ckpt["replay"]["trajectories"][0] and (run_dir / "model.pt").exists()
     assert "final: return" in result.stdout
 
 
