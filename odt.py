@@ -236,21 +236,51 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
 
 
 # ALGO LOGIC: the decision transformer
+class Dropout(nn.Module):
+    """Inverted dropout whose CPU masks cost a quarter of torch's: nn.Dropout draws one 32-bit random number
+    per element (about a fifth of a small-shape CPU update); here one 64-bit draw gives four 16-bit uniforms,
+    so p is rounded to a multiple of 2^-16 (|error| < 8e-6). CUDA keeps torch's fused kernel."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # full 64-bit range
+        drop = bits.view(torch.int16)[: x.numel()].view(x.shape) < round(self.p * 65536) - 32768
+        return x.masked_fill(drop, 0.0) * (1.0 / (1.0 - self.p))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
         assert dim % n_heads == 0, "embed_dim must be divisible by n_heads"
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.n_heads, self.dropout = n_heads, dropout
-        self.resid_drop = nn.Dropout(dropout)
+        self.n_heads = n_heads
+        self.attn_drop, self.resid_drop = Dropout(dropout), Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+        """attn_mask None: causal. rows: compute only these query positions (keys and values: all)."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+        if attn_mask is None and (rows is not None or x.device.type == "cpu"):
+            attn_mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        if rows is not None:
+            q, attn_mask = q[:, :, rows], attn_mask[..., rows, :]
+        if x.device.type == "cpu":
+            # Explicit attention: torch's fused kernels cannot take our cheaper dropout, and at these sizes (≤ 60
+            # tokens) its CPU flash kernel is slower than two matmuls; this is the math of its CPU fallback.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+            y = self.attn_drop(att.masked_fill(~attn_mask, float("-inf")).softmax(-1)) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, -1, c)))
 
 
 class Block(nn.Module):
@@ -260,10 +290,11 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, n_heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """rows: only these positions leave the block (the last block: the state tokens the heads read)."""
+        x = (x if rows is None else x[:, rows]) + self.attn(self.ln1(x), attn_mask, rows)
         return x + self.mlp(self.ln2(x))
 
 
@@ -293,7 +324,7 @@ class DecisionTransformer(nn.Module):
         # Off for Gym, on for AntMaze (App. B): without it only the causal mask orders tokens.
         self.embed_timestep = nn.Embedding(max_ep_len, embed_dim) if use_timestep_embedding else None
         self.embed_ln = nn.LayerNorm(embed_dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(embed_dim)
         self.mu_head = nn.Linear(embed_dim, act_dim)
@@ -324,10 +355,12 @@ class DecisionTransformer(nn.Module):
                 tokens = tokens + self.embed_timestep(timesteps).unsqueeze(2)
             x = self.drop(self.embed_ln(tokens.reshape(b, 3 * k, -1)))
             mask = attention_mask(valid)
-            for block in self.blocks:
+            for block in self.blocks[:-1]:
                 x = block(x, mask)
-            x = self.ln_f(x)
-        return x.to(states.dtype).reshape(b, k, 3, -1)[:, :, 1]  # fp32 out of a bf16 autocast
+            # Only the state tokens are read (the action at s_t): the last block computes just those rows,
+            # the same values in a third of the attention-output and MLP work.
+            x = self.ln_f(self.blocks[-1](x, mask, rows=slice(1, None, 3)))
+        return x.to(states.dtype)  # fp32 out of a bf16 autocast
 
     def action_dist(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of the pre-tanh Gaussian; log-std squashed into [−5, 2] (eq. 2)."""
@@ -549,7 +582,7 @@ class DTAgent:
     """Keeps the per-env context for rollouts (common.evaluation.Policy). All envs step in lockstep,
     so the window is simply the last `context_len` steps; RTG_{t+1} = RTG_t − r_t (scaled)."""
 
-    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, target_return: float,
+    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, target_return: float, *,
                  sample: bool, device: torch.device, max_ep_len: int):
         self.model, self.sample, self.device = model, sample, device
         self.context_len, self.rtg_scale, self.max_ep_len = args.eval_context_len, args.rtg_scale, max_ep_len
@@ -595,6 +628,16 @@ class DTAgent:
 
 
 # TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
+def eval_seeds(seed: int, n: int) -> list[int]:
+    """Reset seeds of the n evaluation episodes: the same episodes at every evaluation of a run."""
+    return [10_000 + seed * 1000 + i for i in range(n)]
+
+
+def online_episode_seed(seed: int, round_: int, index: int = 0) -> int:
+    """Reset seed of the index-th online episode of a round: a fresh one each time, the same after a resume."""
+    return seed * 1_000_003 + round_ * 1000 + index
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one paragraph without a traceback."""
 
@@ -903,8 +946,9 @@ def main(args: Args) -> dict:
                 "counters": dict(counters), "meter": meter.state_dict(), "rng": rng_state(rng)})
 
     def run_eval() -> dict:
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
-        seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]  # same every evaluation
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval,
+                        sample=False, device=device, max_ep_len=max_ep_len)
+        seeds = eval_seeds(args.seed, args.eval_episodes)  # same every evaluation
         return evaluate(eval_envs, agent, seeds, data.normalized_score)
 
     def log_row(extra: dict) -> None:
@@ -956,9 +1000,10 @@ def main(args: Args) -> dict:
             if counters["env_steps"] >= args.online_steps:
                 break
             t0, returns, lengths = time.perf_counter(), [], []
-            agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online, True, device, max_ep_len)
+            agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online,
+                            sample=True, device=device, max_ep_len=max_ep_len)
             while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-                episode_seed = args.seed * 1_000_003 + counters["rounds"] * 1000 + len(lengths)
+                episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
                 result = rollout(train_envs, agent, [episode_seed], record=True)
                 replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
                 returns.append(float(result.returns[0]))
@@ -1013,8 +1058,9 @@ def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
         import imageio.v2 as imageio
 
         env = data.make_env(render_mode="rgb_array")
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval, False, device, max_ep_len)
-        obs, _ = env.reset(seed=10_000 + args.seed * 1000)
+        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval,
+                        sample=False, device=device, max_ep_len=max_ep_len)
+        obs, _ = env.reset(seed=eval_seeds(args.seed, 1)[0])
         agent.reset(obs[None].astype(np.float32))
         frames, done = [env.render()], False
         while not done:

@@ -8,7 +8,8 @@
 
 Shapes (embed, layers, heads, batch B, context K): odt / odt_td3 small 128/3/1/64/20, paper 512/4/4/256/20;
 reinformer_ag small 128/3/4/64/5, paper 256/4/8/128/5; dt_grpo small 128/3/1/-/20, paper 512/4/4/-/20 (its
-rollouts use the hopper default eval context 5 and the GRPO defaults: 4 groups × 8 members, L 10, L_eval 40).
+rollouts use the hopper defaults: eval context 5 and dt_grpo's GRPO defaults, groups rolled one at a time as
+dt_grpo.main does; the figure names G, L and L_eval).
 Offline data is synthetic: 1000 trajectories × 1000 Hopper-sized steps (S=11, A=3), state normalisation 0/1.
 Environments (reinformer_ag evaluation, dt_grpo rollouts) are real Hopper-v5 with freshly initialised models.
 Models and optimisers are built as the scripts' main() builds them (dataset defaults of hopper-medium-v2,
@@ -288,15 +289,17 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
     log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
     temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
     n_members, rng = args.groups_per_round * args.group_size, np.random.default_rng(0)
-    ref_env, member_envs = data.make_env(), [data.make_env() for _ in range(n_members)]
+    ref_env, member_envs = data.make_env(), [data.make_env() for _ in range(args.group_size)]
     agent = lambda n: dg.WindowAgent(model, n, args.eval_context_len, data.state_mean, data.state_std,  # noqa: E731
                                      args.rtg_scale, 1000, device)
     state: dict = {}
 
-    def one_round():  # reference episode + all groups, as in dt_grpo.main's online loop
+    def one_round():  # reference episode, then the groups one at a time, as in dt_grpo.main's online loop
         ref = dg.reference_rollout(ref_env, agent(1), 100, args.g_online * args.rtg_scale, args.reference_sample)
-        t0s = dg.branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng)
-        groups = dg.rollout_groups(member_envs, agent(n_members), ref, t0s, 100, args)
+        gap = args.sub_len if args.branch_gap is None else args.branch_gap
+        t0s = dg.branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)
+        parts = [dg.rollout_groups(member_envs, agent(args.group_size), ref, t[None], 100, args) for t in t0s]
+        groups = dg.concat_groups(parts)
         state["groups"], state["ref"] = groups, ref
         return len(ref["rewards"]) + groups["env_steps"]
 

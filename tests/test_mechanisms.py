@@ -163,7 +163,7 @@ def test_odt_action_follows_the_return_it_is_conditioned_on():
     for _ in range(UPDATES):
         odt.update(model, optimizer, scheduler, log_t, t_opt, replay.sample(args.batch_size, 1, rng), args)
     assert_follows_the_target(conditioned_returns(
-        lambda target: odt.DTAgent(model, args, ZERO, ONE, target, False, CPU, 10)))
+        lambda target: odt.DTAgent(model, args, ZERO, ONE, target, sample=False, device=CPU, max_ep_len=10)))
 
 
 def test_odt_td3_action_follows_the_return_it_is_conditioned_on():
@@ -173,7 +173,7 @@ def test_odt_td3_action_follows_the_return_it_is_conditioned_on():
         odt_td3.update(model, model_t, critic, critic_t, optimizer, scheduler, critic_opt,
                        [replay.sample(args.batch_size, 1, rng)], 0.0, args)
     assert_follows_the_target(conditioned_returns(
-        lambda target: odt_td3.DTAgent(model, args, ZERO, ONE, target, 0.0, CPU, 10)))
+        lambda target: odt_td3.DTAgent(model, args, ZERO, ONE, target, noise=0.0, device=CPU, max_ep_len=10)))
 
 
 def test_reinformer_target_conditioning_follows_the_target():
@@ -360,9 +360,11 @@ SCALE = 0.01
 def count_agent(script, model):
     if script is odt:
         args = odt.Args(eval_context_len=3, rtg_scale=SCALE)
-        return odt.DTAgent(model, args, np.zeros(2, np.float32), np.ones(2, np.float32), TARGET, True, CPU, 10)
+        return odt.DTAgent(model, args, np.zeros(2, np.float32), np.ones(2, np.float32), TARGET,
+                           sample=True, device=CPU, max_ep_len=10)
     args = odt_td3.Args(eval_context_len=3, rtg_scale=SCALE, reward_shift=0.5)
-    return odt_td3.DTAgent(model, args, np.zeros(2, np.float32), np.ones(2, np.float32), TARGET, 0.3, CPU, 10)
+    return odt_td3.DTAgent(model, args, np.zeros(2, np.float32), np.ones(2, np.float32), TARGET,
+                           noise=0.3, device=CPU, max_ep_len=10)
 
 
 def small_dt(script):
@@ -522,3 +524,64 @@ def test_odt_td3_losses_count_valid_steps_only():
         expected = (2 * parts[0][key] + 3 * parts[1][key]) / 5
         assert stats(batch)[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
         assert stats(filled)[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
+
+
+# --- the cheaper CPU dropout (issue 12): same distribution as nn.Dropout, same attention math -----------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales(dtype):
+    torch.manual_seed(0)
+    drop = odt.Dropout(0.1).train()
+    x = torch.ones(4, 250_000, dtype=dtype, requires_grad=True)
+    y = drop(x)
+    assert y.dtype == dtype
+    kept = (y != 0).float()
+    # Each of the four 16-bit lanes of a 64-bit draw must be uniform: a 63-bit draw leaves one lane never dropped.
+    for lane in range(4):
+        assert abs(kept.view(-1, 4)[:, lane].mean().item() - 0.9) < 0.003
+    assert torch.allclose(y[y != 0].float(), torch.full_like(y[y != 0].float(), 1 / 0.9), rtol=1e-2)
+    assert abs(y.float().mean().item() - 1.0) < 0.005  # inverted dropout: unbiased in expectation
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, y != 0)  # the backward pass uses the forward's mask
+    assert not torch.equal(drop(x) != 0, y != 0)  # a fresh mask per call
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_attention_without_dropout_equals_the_fused_kernel():
+    """On CPU attention is computed explicitly (for the cheaper dropout, and faster at ≤ 60 tokens); it must
+    equal torch's fused kernel, with the padding mask and without a mask (= causal, Reinformer's windows)."""
+    torch.manual_seed(0)
+    attn = odt.CausalSelfAttention(32, 4, dropout=1e-9)  # p rounds to 0 masks: nothing dropped, scale 1
+    x = torch.randn(3, 12, 32)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[1, :2] = False
+
+    def fused(mask):
+        q, k, v = attn.qkv(x).view(3, 12, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return attn.proj(y.transpose(1, 2).reshape(3, 12, 32))
+
+    for mask in (odt.attention_mask(valid), None):
+        for mode in (attn.train, attn.eval):
+            assert torch.allclose(mode()(x, mask), fused(mask), atol=1e-5)
+    assert torch.allclose(fused(None), fused(odt.attention_mask(torch.ones(3, 4, dtype=torch.bool))), atol=1e-5)
+
+
+@pytest.mark.parametrize("script", [odt, odt_td3, dt_grpo])
+def test_last_block_computing_only_state_rows_changes_nothing(script):
+    """The last block computes only the state-token rows (the heads read nothing else): the outputs must
+    equal a full pass over every token, read at the state tokens."""
+    torch.manual_seed(0)
+    model = script.DecisionTransformer(4, 2, 32, 2, 2, 0.1, 100, True).eval()
+    b, k = 3, 5
+    rtg, states, actions = torch.randn(b, k), torch.randn(b, k, 4), torch.randn(b, k, 2)
+    steps, valid = torch.arange(k).repeat(b, 1), torch.ones(b, k, dtype=torch.bool)
+    valid[0, :2] = False
+    tokens = torch.stack((model.embed_rtg(rtg.unsqueeze(-1)), model.embed_state(states),
+                          model.embed_action(actions)), dim=2) + model.embed_timestep(steps).unsqueeze(2)
+    x = model.embed_ln(tokens.reshape(b, 3 * k, -1))
+    mask = script.attention_mask(valid)
+    for block in model.blocks:
+        x = block(x, mask)
+    full = model.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
+    assert torch.allclose(model(rtg, states, actions, steps, valid), full, atol=1e-5)

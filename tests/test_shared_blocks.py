@@ -15,10 +15,11 @@ SCRIPTS = ["odt.py", "odt_td3.py", "dt_grpo.py", "reinformer_ag.py"]
 EVERYWHERE = ["UserError", "NonFiniteLossError", "RunFinished", "EXIT_STOPPED", "resolve_precision", "apply_preset",
               "check_writable", "validate_args", "RunLogger", "prepare_run", "start_run_folder", "mark_stopped",
               "save_checkpoint", "rng_state", "restore_rng_state", "StopFlag", "StatsMeter", "print_cost_estimate",
-              "check_finite", "lamb_param_groups", "Lamb", "returns_to_go", "one_step_defaults", "__main__"]
+              "check_finite", "lamb_param_groups", "Lamb", "returns_to_go", "one_step_defaults", "Dropout",
+              "CausalSelfAttention", "eval_seeds", "__main__"]
 # The decision transformer and the tanh-Gaussian policy shared by the DT scripts (Reinformer has its own).
 DT_SCRIPTS = ["odt.py", "odt_td3.py", "dt_grpo.py"]
-DT_SHARED = ["CausalSelfAttention", "Block", "attention_mask", "warmup_schedule"]
+DT_SHARED = ["online_episode_seed", "Block", "attention_mask", "warmup_schedule"]
 ODT_AND_GRPO = ["DecisionTransformer", "LOG_STD_MIN", "squash_log_std", "tanh_log_det", "gaussian_log_prob",
                 "tanh_normal_log_prob", "tanh_normal_rsample", "odt_losses", "update", "DTAgent"]
 # The common block of Args: the experiment fields up to the budgets, and the run fields from --resume to
