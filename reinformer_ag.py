@@ -1,14 +1,10 @@
 """Reinformer + Action Gradient (RF+AG).
 
 Papers: Z. Zhuang et al., "Reinformer: Max-Return Sequence Modeling for Offline RL", ICML 2024, arXiv 2405.08740
-(the base model), and R. Lin et al., "Adjusting the Output of Decision Transformer with Action Gradient",
-arXiv 2510.05285 (AG). Offline only: train Reinformer, a decision transformer over
-(s_t, R_t, a_t) tokens that predicts the return-to-go from the state token with an expectile ("max-return")
-loss and the action from the RTG token with a Gaussian NLL + entropy, and, in the same run, an IQL critic on the
-same offline data (AG §3.3). At evaluation Reinformer predicts R̂_t, writes it into the RTG slot and reads the
-action a⁰; Action Gradient then takes n ascent steps on Q from a⁰ (AG eq. 1, or eqs. 6-8) and executes the
-iterate with the highest Q (eq. 2, Alg. 1). Every evaluation reports both: `eval/...` is RF+AG and
-`eval_rf/...` is plain RF (the same model and episodes, n = 0).
+(§4), and R. Lin et al., "Adjusting the Output of Decision Transformer with Action Gradient", arXiv 2510.05285
+(§3, Alg. 1). Offline only: Reinformer (R̂_t from the state token by expectile regression, the action from the RTG
+token by Gaussian NLL + entropy) and an IQL critic train on the same data. At evaluation R̂_t fills the RTG slot, then
+AG takes n ascent steps on Q from the action a⁰ and executes the best iterate. `eval/`: RF+AG, `eval_rf/`: plain RF.
 
 Usage:
     python reinformer_ag.py --env-id hopper-medium-v2                  # paper hyperparameters
@@ -16,34 +12,17 @@ Usage:
     python reinformer_ag.py --eval-only runs/<run> --sweep-ag-lr 0.01 0.1 --sweep-ag-steps 1 10  # tune η, n
     python reinformer_ag.py --resume runs/<run folder>                 # continue a stopped run
 
-Return-to-go convention of this script: RTG tokens are undiscounted suffix sums of the dataset rewards times
-`rtg_scale` (Reinformer's per-family divisors: 1/1000 hopper/walker2d, 1/5000 halfcheetah, 1/100 maze2d,
-1/10000 Adroit). At test time they are *predicted* (no target return), except in the `--conditioning target`
-ablation (DT+AG, AG Table 3), where R_0 = g_eval and R_{t+1} = R_t − r_t as in DT.
-
-Deliberate differences from the reference implementations (github.com/Dragon-Zhuang/Reinformer and the AG paper):
-- The shared `Args` block has no online fields (`online_steps`, `updates_per_round`, `min_steps_per_round`):
-  there is no online phase. `pretrain_updates` is the number of offline updates; `eval_interval` counts updates.
-- Blocks are post-LayerNorm with a GELU MLP as in the Reinformer reference (not odt.py's pre-LN/ReLU), with
-  fused scaled-dot-product attention; N(0, 0.02) init inside the blocks only, PyTorch's default init for
-  the embeddings and heads (zero-bias embeddings would pass LayerNorm only the sign of R and lose the norm
-  of s). LAMB keeps vectors (biases, LayerNorm, the learned log-std) out of weight decay and the trust
-  ratio: under the trust ratio the zero-initialised log-std would stay at ≈ 0 all run. Windows are
-  right-padded, so the causal mask alone keeps padding out of every valid token (no padding mask is needed
-  in training; padding is out of every loss).
-- The max-return residual is normalised by mean |R| over valid tokens only, and the NLL is averaged over valid
-  tokens only. The entropy of the state-independent Normal is in closed form (the same at every position).
-- The critic is IQL (twin Q + V, expectile 0.7, γ 0.99, Polyak 0.005 target Qs, Adam 3e-4, MLP 256-256) trained
-  in the same run, `critic_updates` steps per model update on uniformly sampled transitions (the paper trains
-  it separately; the result is the same critic, in one command). Q(s, a) in AG is the min of the target Qs.
-- AG's momentum (eq. 6) and Adam (eq. 8) are implemented as printed: v accumulates ζ·∇Q without decay, and
-  Adam's bias correction divides by (1 − ζ) rather than Kingma & Ba's (1 − ζ^i). RMSProp (eq. 7) uses ζ₂.
-- η and n are not given in the paper; the defaults come from an evaluation-only sweep (see the notes).
-- With `--adaptive-context` (AG §4.1) the RTG-prediction pass uses the full window and the action pass keeps
-  the earlier steps only while R̂_{t−1} > R̂_t (up to `eval_context_len`); the dropped steps are masked out of
-  attention (the learned timestep embedding makes this equal to a shorter window).
-- Checkpoints hold the critic, its optimiser and log λ so a stopped run resumes exactly.
-- Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium MuJoCo v5.
+Deliberate differences from the reference implementations (github.com/Dragon-Zhuang/Reinformer, the AG paper):
+- Post-LN GELU blocks as Reinformer's, default init for embeddings and heads: zero biases would lose |R| and |s|.
+- LAMB keeps vectors out of weight decay and trust ratio: the zero-initialised log-std would stay ≈ 0.
+- Max-return residual ÷ mean |R| and the NLL averaged over valid tokens only: padding is not data.
+- The IQL critic trains in the same run (the paper: separately): the same critic, in one command.
+- AG's momentum (eq. 6) and Adam (eq. 8) as printed (no decay; bias correction by 1 − ζ): the paper's rule.
+- Default η, n from an evaluation-only sweep: the paper states none. Checkpoints add critic and log λ: exact resume.
+- Data from Minari / D4RL files / local generation on Gymnasium MuJoCo v5 (`common/datasets.py`): works offline.
+- CPU dropout masks draw 16-bit uniforms (p rounded to a multiple of 2^-16), see the `Dropout` class; attention is
+  computed explicitly on CPU: speed.
+Details and measurements: docs/reinformer_ag.md
 """
 
 from __future__ import annotations
@@ -199,7 +178,7 @@ class Args:
 
 
 # Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". Reinformer's RTG divisors; AG's η, n
-# come from the evaluation-only sweep in the notes (the paper does not state them).
+# come from the evaluation-only sweep in docs/reinformer_ag.md (the paper does not state them).
 DATASET_DEFAULTS: dict[str, dict] = {
     "hopper": dict(rtg_scale=1e-3),
     "walker2d": dict(rtg_scale=1e-3),
@@ -728,8 +707,9 @@ class RFAgent:
         action = a0
         if self.ag_steps > 0:
             a = self.args
-            action, best = action_gradient(self.critic.target_q, s, a0, self.ag_steps, self.ag_lr, a.ag_method,
-                                           self.low, self.high, a.ag_zeta1, a.ag_zeta2, a.ag_eps)
+            action, best = action_gradient(self.critic.target_q, s, a0, steps=self.ag_steps, lr=self.ag_lr,
+                                           method=a.ag_method, low=self.low, high=self.high, zeta1=a.ag_zeta1,
+                                           zeta2=a.ag_zeta2, eps=a.ag_eps)
             self.stats["changed"] += (best > 0).float().sum().item()
             self.stats["q_gain"] += (self.critic.target_q(s, action) - self.critic.target_q(s, a0)).sum().item()
             self.stats["shift"] += (action - a0).norm(dim=-1).sum().item()
@@ -744,7 +724,7 @@ class RFAgent:
         self.t += 1
 
 
-def evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, ag_steps: int, ag_lr: float) -> dict:
+def evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, *, ag_steps: int, ag_lr: float) -> dict:
     """Plain RF (`eval_rf/...`) and RF+AG (`eval/...`) on the same episode seeds; with n = 0 both are RF."""
     seeds = eval_seeds(args.seed, args.eval_episodes)  # same every evaluation
     space = eval_envs.single_action_space
@@ -753,8 +733,8 @@ def evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, ag_s
         if prefix == "eval" and steps == 0:
             metrics.update({k.replace("eval_rf/", "eval/"): v for k, v in metrics.items()})
             break
-        agent = RFAgent(model, critic, args, data.state_mean, data.state_std, device, max_ep_len,
-                        space.low, space.high, steps, ag_lr)
+        agent = RFAgent(model, critic, args, state_mean=data.state_mean, state_std=data.state_std, device=device,
+                        max_ep_len=max_ep_len, low=space.low, high=space.high, ag_steps=steps, ag_lr=ag_lr)
         t0 = time.perf_counter()
         result = evaluate(eval_envs, agent, seeds, data.normalized_score)
         elapsed = time.perf_counter() - t0
@@ -1010,6 +990,182 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
                                  f"Training stopped: {kept}.")
 
 
+# Training: set-up, the run state and its offline phase (AG Alg. 1); --eval-only
+def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
+    """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
+    validate_args(args)
+    args, run_dir, checkpoint = prepare_run(args)
+    args = apply_preset(args) if checkpoint is None and args.eval_only is None else args
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    args.precision = resolve_precision(args.precision, device)
+
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    validate_args(args)
+    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
+                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
+    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
+          f"device {device} ({args.precision}), run folder {run_dir}")
+    return args, data, device, run_dir, checkpoint
+
+
+def make_eval_envs(args: Args, data: OfflineData):
+    """One vector-env slot per evaluation episode, and the episode limit (the model's timestep range)."""
+    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+    return eval_envs, eval_envs.envs[0].spec.max_episode_steps or 1000
+
+
+def make_model(args: Args, data: OfflineData, device: torch.device, max_ep_len: int) -> Reinformer:
+    return Reinformer(data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers,
+                      n_heads=args.n_heads, dropout=args.dropout, max_ep_len=max_ep_len,
+                      separate=args.separate_networks, precision=args.precision).to(device)
+
+
+class Interval:
+    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
+
+    def __init__(self, every: int, start: int):
+        self.every, self.last = every, start // every
+
+    def due(self, n: int) -> bool:
+        if n // self.every <= self.last:
+            return False
+        self.last = n // self.every
+        return True
+
+
+class Trainer:
+    """The run state (model, critic, optimisers, offline data, counters, metrics); `state_dict()` is the
+    checkpoint."""
+
+    def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
+        self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
+        self.rng = np.random.default_rng(args.seed)  # window and transition sampling
+        self.eval_envs, self.max_ep_len = make_eval_envs(args, data)
+
+        # ALGO LOGIC: model, critic, optimisers, data
+        self.model = make_model(args, data, device, self.max_ep_len)
+        self.optimizer = Lamb(lamb_param_groups(self.model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
+        self.scheduler = warmup_schedule(self.optimizer, args.warmup_steps)
+        self.log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr,
+                                                      betas=(0.9, 0.999))
+        self.critic = IQLCritic(data.obs_dim, data.act_dim, args.critic_hidden).to(device)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.offline = OfflineDataset(data, args.rtg_scale, self.max_ep_len, device)
+
+        self.counters = {"updates": 0, "env_steps": 0, "rounds": 0}
+        self.meter = StatsMeter()
+        self.resumed = checkpoint is not None
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None)
+        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.final, self.final_at = {}, -1  # the latest evaluation in this process, and its update
+        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
+                "temperature_optimizer": self.temperature_optimizer.state_dict(), "critic": self.critic.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(), "counters": dict(self.counters),
+                "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        with torch.no_grad():
+            self.log_temperature.copy_(checkpoint["log_temperature"])
+        self.temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
+        self.critic.load_state_dict(checkpoint["critic"])
+        self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        self.counters.update(checkpoint["counters"])
+        self.meter.load_state_dict(checkpoint["meter"])
+        restore_rng_state(self.rng, checkpoint["rng"])
+        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}")
+
+    def save_checkpoint(self) -> None:
+        self.counters["wall_time_s"] = time.time() - self.start_time
+        if self.args.save_model:
+            save_checkpoint(self.run_dir, self.state_dict())
+
+    def evaluate(self) -> dict:
+        """Plain RF (`eval_rf/...`) and RF+AG (`eval/...`) with the run's n and η (Alg. 1, "Inference")."""
+        return evaluate_both(self.model, self.critic, self.args, self.data, self.eval_envs, self.device,
+                             self.max_ep_len, ag_steps=self.args.ag_steps, ag_lr=self.args.ag_lr)
+
+    def train_step(self) -> None:
+        t0 = time.perf_counter()
+        stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                       log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
+                       critic=self.critic, critic_optimizer=self.critic_optimizer, data=self.offline, rng=self.rng,
+                       args=self.args)
+        self.counters["updates"] += 1
+        self.meter.add(stats, time.perf_counter() - t0)
+
+    def log_row(self, extra: dict) -> None:
+        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
+               "rounds": self.counters["rounds"]}
+        stats = self.meter.pop()
+        check_finite(stats, self.counters, self.run_dir)
+        self.logger.log({**row, **stats, **extra})
+
+    def train(self, stop: StopFlag) -> None:
+        """Offline updates of Reinformer and the critic (Alg. 1, "Training"). A row every `log_interval` updates
+        (and after the first and the last), with an evaluation when the update is a multiple of `eval_interval`
+        (or the last) and a checkpoint at the first row past each `checkpoint_interval`. A cost estimate after
+        three updates."""
+        args, counters = self.args, self.counters
+        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+                   desc="training", disable=not args.progress, unit="upd", dynamic_ncols=True)
+        while counters["updates"] < args.pretrain_updates and not stop.requested:
+            self.train_step()
+            bar.update(1)
+            updates, last = counters["updates"], counters["updates"] == args.pretrain_updates
+            if updates == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
+                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, 0)
+            if updates % args.log_interval == 0 or updates == 1 or last:
+                extra = {"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()}
+                if updates % args.eval_interval == 0 or last:
+                    extra.update(self.evaluate())
+                    self.final, self.final_at = {k: v for k, v in extra.items() if k.startswith("eval")}, updates
+                    bar.set_postfix(rf=f"{extra['eval_rf/return_mean']:.3g}", ag=f"{extra['eval/return_mean']:.3g}")
+                self.log_row(extra)
+                if self.checkpoints.due(updates) or last:
+                    self.save_checkpoint()
+        bar.close()
+
+    def stopped(self) -> dict:
+        self.save_checkpoint()
+        self.logger.close()
+        mark_stopped(self.run_dir, self.counters)
+        return {"stopped": True, "run_dir": str(self.run_dir)}
+
+    def finish(self) -> dict:
+        """Final metrics row (evaluating unless the last update did), model.pt and summary.json."""
+        final = self.final if self.final_at == self.counters["updates"] else self.evaluate()  # resumed after it
+        summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
+                   "wall_time_s": time.time() - self.start_time, **final}
+        self.log_row({"phase": "final", **final})
+        if self.args.capture_video:
+            record_video(self.model, self.critic, self.args, self.data, self.device, self.max_ep_len, self.run_dir)
+        if self.args.save_model:
+            torch.save({"model": self.model.state_dict(), "critic": self.critic.state_dict()},
+                       self.run_dir / "model.pt")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        print(f"final: RF return {final['eval_rf/return_mean']:.3g} (normalized "
+              f"{final['eval_rf/normalized_score_mean']:.3g}), RF+AG return {final['eval/return_mean']:.3g} ± "
+              f"{final['eval/return_std']:.3g}, normalized score "
+              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
+        return summary
+
+
 # Fields an --eval-only run takes from the trained run (the network's shape and its input convention).
 MODEL_FIELDS = ("env_id", "dataset_path", "generate_steps", "embed_dim", "n_layers", "n_heads", "dropout",
                 "context_len", "separate_networks", "rtg_scale", "critic_hidden")
@@ -1030,138 +1186,7 @@ def load_trained_run(args: Args) -> tuple[Args, Path]:
     return args, model_path
 
 
-def main(args: Args) -> dict:
-    trained_model_path = None
-    if args.eval_only is not None:
-        args, trained_model_path = load_trained_run(args)
-    validate_args(args)
-    args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args) if checkpoint is None and trained_model_path is None else args
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    args.precision = resolve_precision(args.precision, device)
-
-    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
-    args = apply_dataset_defaults(args, data)
-    validate_args(args)
-    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
-    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device} ({args.precision}), run folder {run_dir}")
-
-    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
-    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
-
-    # ALGO LOGIC: model, critic, optimisers, data
-    model = Reinformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads, args.dropout,
-                       max_ep_len, args.separate_networks, args.precision).to(device)
-    optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
-    scheduler = warmup_schedule(optimizer, args.warmup_steps)
-    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
-    critic = IQLCritic(data.obs_dim, data.act_dim, args.critic_hidden).to(device)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    if trained_model_path is not None:
-        return sweep(args, run_dir, trained_model_path, model, critic, data, eval_envs, device, max_ep_len)
-    offline = OfflineDataset(data, args.rtg_scale, max_ep_len, device)
-
-    counters = {"updates": 0, "env_steps": 0, "rounds": 0}
-    meter = StatsMeter()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        with torch.no_grad():
-            log_temperature.copy_(checkpoint["log_temperature"])
-        temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
-        critic.load_state_dict(checkpoint["critic"])
-        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-        counters.update(checkpoint["counters"])
-        meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(rng, checkpoint["rng"])
-        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}")
-    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
-    stop = StopFlag()
-
-    def checkpoint_now():
-        counters["wall_time_s"] = time.time() - start_time
-        if args.save_model:
-            save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "log_temperature": log_temperature.detach().cpu(),
-                "temperature_optimizer": temperature_optimizer.state_dict(), "critic": critic.state_dict(),
-                "critic_optimizer": critic_optimizer.state_dict(), "counters": dict(counters),
-                "meter": meter.state_dict(), "rng": rng_state(rng)})
-
-    def run_eval() -> dict:
-        return evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, args.ag_steps, args.ag_lr)
-
-    def log_row(extra: dict) -> None:
-        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        stats = meter.pop()
-        check_finite(stats, counters, run_dir)
-        logger.log({**row, **stats, **extra})
-
-    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
-
-    # Offline training with periodic evaluation (Alg. 1, "Training"; evaluation = "Inference")
-    last_ckpt = counters["updates"] // args.checkpoint_interval
-    final, final_at = {}, -1
-    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-               desc="training", disable=not args.progress, unit="upd", dynamic_ncols=True)
-    while counters["updates"] < args.pretrain_updates and not stop.requested:
-        t0 = time.perf_counter()
-        stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer, critic,
-                       critic_optimizer, offline, rng, args)
-        counters["updates"] += 1
-        meter.add(stats, time.perf_counter() - t0)
-        bar.update(1)
-        done = counters["updates"] == args.pretrain_updates
-        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
-            print_cost_estimate(meter.seconds / max(meter.n, 1), args, 0)
-        if counters["updates"] % args.log_interval == 0 or counters["updates"] == 1 or done:
-            extra = {"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()}
-            if counters["updates"] % args.eval_interval == 0 or done:
-                extra.update(run_eval())
-                final, final_at = {k: v for k, v in extra.items() if k.startswith("eval")}, counters["updates"]
-                bar.set_postfix(rf=f"{extra['eval_rf/return_mean']:.3g}", ag=f"{extra['eval/return_mean']:.3g}")
-            log_row(extra)
-            if counters["updates"] // args.checkpoint_interval > last_ckpt or done:
-                last_ckpt = counters["updates"] // args.checkpoint_interval
-                checkpoint_now()
-    bar.close()
-
-    if stop.requested:
-        checkpoint_now()
-        logger.close()
-        mark_stopped(run_dir, counters)
-        return {"stopped": True, "run_dir": str(run_dir)}
-
-    if final_at != counters["updates"]:  # resumed after the last evaluation
-        final = run_eval()
-    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
-               "wall_time_s": time.time() - start_time, **final}
-    log_row({"phase": "final", **final})
-    if args.capture_video:
-        record_video(model, critic, args, data, device, max_ep_len, run_dir)
-    if args.save_model:
-        torch.save({"model": model.state_dict(), "critic": critic.state_dict()}, run_dir / "model.pt")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
-    print(f"final: RF return {final['eval_rf/return_mean']:.3g} (normalized "
-          f"{final['eval_rf/normalized_score_mean']:.3g}), RF+AG return {final['eval/return_mean']:.3g} ± "
-          f"{final['eval/return_std']:.3g}, normalized score "
-          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
-    return summary
-
-
-def sweep(args, run_dir, model_path, model, critic, data, eval_envs, device, max_ep_len) -> dict:
-    """--eval-only: evaluate one trained model for every (η, n) of the sweep lists (AG §5: tuning AG needs
-    only the evaluation phase). Rows go to metrics.jsonl (phase 'eval_only'), the table to summary.json."""
+def load_trained_model(model: Reinformer, critic: IQLCritic, model_path: Path, args: Args, device) -> None:
     try:
         state = torch.load(model_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -1169,13 +1194,23 @@ def sweep(args, run_dir, model_path, model, critic, data, eval_envs, device, max
     except Exception as exc:  # wrong file, or a model of another shape
         raise UserError(f"--eval-only: {model_path} does not hold this script's model for {args.env_id} "
                         f"({exc}).") from exc
+
+
+def evaluate_only(args: Args) -> dict:
+    """--eval-only: evaluate one trained model for every (η, n) of the sweep lists (AG §5: tuning AG needs
+    only the evaluation phase). Rows go to metrics.jsonl (phase 'eval_only'), the table to summary.json."""
+    args, model_path = load_trained_run(args)
+    args, data, device, run_dir, _ = set_up(args)
+    eval_envs, max_ep_len = make_eval_envs(args, data)
+    model = make_model(args, data, device, max_ep_len)
+    critic = IQLCritic(data.obs_dim, data.act_dim, args.critic_hidden).to(device)
+    load_trained_model(model, critic, model_path, args, device)
     logger, rows = RunLogger(run_dir, args, None), []
     grid = [(0, 0.0), *itertools.product(args.sweep_ag_steps or (args.ag_steps,), args.sweep_ag_lr or (args.ag_lr,))]
     for steps, lr in tqdm(grid, desc="sweep", disable=not args.progress):
-        m = evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, steps, lr)
-        m = {k: v for k, v in m.items() if steps or k.startswith("eval/")}
+        metrics = evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, ag_steps=steps, ag_lr=lr)
         row = {"global_step": 0, "env_steps": 0, "rounds": 0, "phase": "eval_only", "ag/steps": steps, "ag/lr": lr,
-               **{k.replace("eval/", ""): v for k, v in m.items() if k.startswith("eval/")}}
+               **{k.replace("eval/", ""): v for k, v in metrics.items() if k.startswith("eval/")}}
         logger.log(row)
         rows.append(row)
         print(f"n={steps:3d} eta={lr:<8g} method={args.ag_method}: return {row['return_mean']:9.2f} ± "
@@ -1185,6 +1220,16 @@ def sweep(args, run_dir, model_path, model, critic, data, eval_envs, device, max
     summary = {"run_dir": str(run_dir), "evaluated": str(model_path), "env_id": args.env_id, "rows": rows}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def main(args: Args) -> dict:
+    if args.eval_only is not None:
+        return evaluate_only(args)  # no training: evaluate a finished run's model (AG §5)
+    args, data, device, run_dir, checkpoint = set_up(args)  # flags, seeds, dataset, run folder
+    trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, critic, optimisers; resumes a checkpoint
+    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    trainer.train(stop)  # offline Reinformer + IQL updates, evaluating RF and RF+AG (AG Alg. 1)
+    return trainer.stopped() if stop.requested else trainer.finish()
 
 
 def record_video(model, critic, args, data, device, max_ep_len, run_dir: Path) -> None:
