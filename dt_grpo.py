@@ -1,44 +1,29 @@
 """Decision Transformer + GRPO: online finetuning with pure RL gradients.
 
-Paper: J. Luo, Y. Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167. Only
-its abstract is public; what is marked (R) comes from the public reviews of its ICLR 2026 submission (OpenReview
-UPeqfbXgvf); everything else is our choice and a flag. Offline pretraining is exactly ODT's (arXiv 2202.05607;
-its differences from the reference are listed in odt.py); `diff odt.py dt_grpo.py` shows the online part only.
-Online there is no supervised term. One round:
-1. A reference episode with the mean action, conditioned on g_online = g_eval (its env steps count).
-2. --groups-per-round branch points along it, ≥ --branch-gap (default L_traj) steps apart, drawn without
-   replacement ∝ the predicted action variance Σσ² (R: "sampled along the trajectory based on the action
-   variance"); --branch-sampling top | uniform are the alternatives.
-3. Per branch point a group of G members, each restored to that state (reset with the episode's seed, then
-   qpos, qvel, solver warm start, time, TimeLimit counter), rolling L_traj sampled steps and then L_eval
-   mean-action steps (R: L_eval ≈ 400 on MuJoCo); score = return of both parts. Groups roll one at a time,
-   so --online-steps and --eval-interval hold to within one group (an evaluation may fall inside a round).
-4. Advantages (R_i − mean)/(std + ε) within the group, the same for every step of a member (R).
-5. --grpo-epochs passes in minibatches of --grpo-minibatch members over the PPO-clipped surrogate of each
-   member's sequence ratio, an entropy bonus (ODT's learned λ, or --entropy-coef) and an optional k3 KL to
-   the pretrained policy (--kl-coef). Fresh Adam (--online-learning-rate), dropout off (--online-dropout).
-No relabeling (paper abstract, R): a member keeps the RTG tokens it acted on (RTG_{t+1} = RTG_t − r_t·scale,
-also during the continuation), so π_old and π_θ are one conditional and ρ = 1 exactly on fresh data.
---relabel is the ablation: ODT's hindsight relabeling with the full achieved return-to-go (the member's
-continuation then runs to the end of its episode; those steps count; the score stays L_traj + L_eval).
-Sequence ratio (--ratio): the paper's joint likelihood ρ = exp(Σ_t log π_θ/π_old) over the L_traj steps, ε 0.2,
-Adam 2e-5. On hopper-random (128×3 model, 1000 pretraining updates; 16 updates per round) at the former 5e-5
-it leaves [0.8, 1.2] within 1–3 updates (clip fraction 0.78, 0.93 at a round's last update, approx-KL 7.3),
-as does GSPO's length-normalised exp(mean_t …) (arXiv 2507.18071; ε 0.05: 0.74 / 0.93, KL 2.7): the step
-size, not the ratio's form, is the cause. At 5e-6: clip 0.36 / 0.56, KL 0.045, but the policy hardly improves
-in 20k env steps; 2e-5 (clip 0.57, KL 0.2 over two 20k-step runs) improves almost as fast as 5e-5.
-Logged: train/clip_fraction, train/approx_kl (k3 of the joint ratio in both modes), train/live_fraction
-(members with a gradient), train/effective_updates (updates with one, per round).
-Q-GRPO (R, paper Fig. 3c): where the env has no set_state (and its episodes are longer than one step; one-step
-envs branch by reset, whatever their id), or with --advantage critic: no branching. The reference episode is
-rolled with sampled actions; its transitions train a TD3 twin-Q critic (2×256 ReLU on (s, a), target networks,
-τ, γ, target action = the DT's mean action at the next window + clipped noise, --critic-updates-per-step);
-a group is G actions sampled from π_old at one branch state (a one-step member), scored by min(Q1, Q2)(s, a_i).
-Policy updates start after --critic-warmup env steps.
-Unknown in the paper, chosen here: G 8, L_traj 10, 4 groups per round, ε, Adam 2e-5, 4 epochs × 8 members,
-the continuation's RTG, g_online = g_eval (without relabeling the conditional improved is the one rolled
-out), a mean-action reference episode (--reference-sample). Checkpoints also hold the online optimiser, the
-frozen pretrained policy, the critic and its replay, so a stopped run resumes where it was.
+Paper: J. Luo, Y. Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167;
+(R) marks what the public reviews of its ICLR 2026 submission (OpenReview UPeqfbXgvf) state. Pretraining is ODT's
+(arXiv 2202.05607 Alg. 1; differences in odt.py). A round: a reference episode; branch points ∝ the predicted
+action variance (R); per point G members restored to that state, L_traj sampled + L_eval mean-action steps each
+(R: L_eval ≈ 400); advantages normalised in the group (R); PPO-clipped updates of each member's sequence ratio.
+Q-GRPO (R, Fig. 3c): where the env cannot restore a state, G sampled actions scored by a TD3 twin-Q critic.
+
+Usage:
+    python dt_grpo.py --env-id hopper-random-v2 --preset cpu     # CPU-scale protocol
+    python dt_grpo.py --env-id hopper-medium-v2 --advantage critic  # Q-GRPO
+    python dt_grpo.py --resume runs/<run folder>                  # continue a stopped run
+
+Unknown in the paper (only its abstract is public), chosen here, each a flag:
+- G 8, L_traj 10, 4 groups per round, 4 epochs × 8-member minibatches: no published values.
+- ε 0.2 and Adam 2e-5 on the paper's joint ratio: at 5e-5 it leaves the clip range within 1-3 updates.
+- No relabeling (abstract, R): RTG_{t+1} = RTG_t − r_t·scale in the continuation too and g_online = g_eval,
+  so π_old and π_θ are one conditional (ρ = 1 exactly on fresh data). --relabel is ODT's, as an ablation.
+- Mean-action reference episode (--reference-sample): the policy evaluation measures; Q-GRPO samples it.
+- Entropy bonus: ODT's learned λ, its dual update continued (--entropy-coef); k3 KL to the pretrained policy
+  optional (--kl-coef, off).
+- Groups roll one at a time: --online-steps and --eval-interval hold to within one group.
+- CPU speed: dropout masks draw 16-bit uniforms (p rounded to a multiple of 2^-16), see the `Dropout` class;
+  attention is computed explicitly on CPU (torch's fused kernels cannot take those masks).
+Details and measurements: docs/dt_grpo.md
 """
 
 from __future__ import annotations
@@ -251,7 +236,7 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(embed_dim=128, n_layers=3, n_heads=1, batch_size=64, warmup_steps=1000, pretrain_updates=1000,
                 online_steps=20_000, eval_interval=5000, eval_episodes=5),
 }
-# Smallest valid value of each numeric flag (checked before any work; GRPO's own settings in setup()).
+# Smallest valid value of each numeric flag (checked before any work; GRPO's own settings in load_and_check()).
 VALID_MIN = dict(generate_steps=1, pretrain_updates=0, online_steps=0, updates_per_round=1, min_steps_per_round=0,
                  eval_interval=1, eval_episodes=1, log_interval=1, checkpoint_interval=1, embed_dim=1, n_layers=1,
                  n_heads=1, context_len=1, eval_context_len=1, batch_size=1, learning_rate=0.0, weight_decay=0.0,
@@ -1077,13 +1062,13 @@ def critic_groups(model, critic, agent: WindowAgent, ref: dict, t0s: np.ndarray,
             "rewards": np.zeros((n, 1), np.float32), "t0": t0, "env_steps": 0}
 
 
-# ALGO LOGIC: setup, checked before a run folder exists
+# ALGO LOGIC: data and GRPO checks, before a run folder exists
 def is_one_step(data: OfflineData) -> bool:
     """Every episode a single step (the papers' toys, under any id): one start state, so a reset is a restore."""
     return bool(data.episodes) and all(len(e.rewards) == 1 for e in data.episodes)
 
 
-def setup(args: Args) -> tuple[Args, OfflineData, bool]:
+def load_and_check(args: Args) -> tuple[Args, OfflineData, bool]:
     """Load the data, fill the defaults and check the GRPO settings and the env; returns (args, data,
     use_critic). Called before the run folder exists, so a refused start leaves nothing behind."""
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
@@ -1361,7 +1346,9 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
                                  f"Training stopped: {kept}.")
 
 
-def main(args: Args) -> dict:
+def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None, bool]:
+    """Flags, seeds, device, dataset and GRPO checks, then the run folder: a refused start leaves nothing behind.
+    Returns (args, data, device, run_dir, checkpoint or None, use_critic)."""
     validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
     args = apply_preset(args) if checkpoint is None else args
@@ -1369,11 +1356,9 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     args.precision = resolve_precision(args.precision, device)
-
-    args, data, use_critic = setup(args)  # dataset, defaults, GRPO settings and env checks: before the folder
+    args, data, use_critic = load_and_check(args)  # before the folder exists
     validate_args(args)
     start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
                                "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device),
@@ -1381,252 +1366,346 @@ def main(args: Args) -> dict:
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
           f"device {device} ({args.precision}), advantages from "
           f"{'a twin-Q critic (Q-GRPO)' if use_critic else 'group returns'}, run folder {run_dir}")
+    return args, data, device, run_dir, checkpoint, use_critic
 
-    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
-    reference_env = data.make_env()
-    member_envs = [data.make_env() for _ in range(0 if use_critic else args.group_size)]
-    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
 
-    # ALGO LOGIC: model, optimisers, replay
-    model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
-                                args.dropout, max_ep_len, args.use_timestep_embedding, args.precision).to(device)
-    optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
-    scheduler = warmup_schedule(optimizer, args.warmup_steps)
-    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
-    replay_args = (data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
-    offline = TrajectoryReplay(len(data.episodes), *replay_args)  # pretraining samples all offline data
-    for episode in data.episodes:
-        offline.add(episode)
-    # GRPO is on-policy: each round's groups are used for its updates and dropped (no online replay).
-    online_optimizer = torch.optim.Adam(model.parameters(), lr=args.online_learning_rate)
-    ref_model: DecisionTransformer | None = None  # frozen pretrained policy (KL anchor), made after pretraining
-    critic = Critic(data.obs_dim, data.act_dim, 256, False).to(device)  # Q-GRPO only
-    critic_target = copy.deepcopy(critic).requires_grad_(False)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    critic_replay = CriticReplay(args.critic_buffer)
+class Interval:
+    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
 
-    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
-    meter = StatsMeter()
-    # A round in progress (reference episode, groups collected so far, then the minibatches still to train on):
-    # part of the checkpoint, so a stop inside a round resumes it exactly.
-    round_state: dict = {}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+    def __init__(self, every: int, start: int):
+        self.every, self.last = every, start // every
+
+    def due(self, n: int) -> bool:
+        if n // self.every <= self.last:
+            return False
+        self.last = n // self.every
+        return True
+
+
+class Trainer:
+    """The run: model, optimisers, the offline replay, the frozen pretrained policy, the Q-GRPO critic, counters,
+    the GRPO round in progress, the metrics meter and logger. `state_dict()` is the checkpoint."""
+
+    def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, *, use_critic: bool,
+                 checkpoint: dict | None):
+        self.args, self.data, self.device, self.run_dir, self.use_critic = args, data, device, run_dir, use_critic
+        self.rng = np.random.default_rng(args.seed)
+        self.eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+        self.reference_env = data.make_env()
+        self.member_envs = [data.make_env() for _ in range(0 if use_critic else args.group_size)]
+        self.max_ep_len = self.eval_envs.envs[0].spec.max_episode_steps or 1000
+        # ALGO LOGIC: model, optimisers, replay
+        self.model = DecisionTransformer(
+            data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers, n_heads=args.n_heads,
+            dropout=args.dropout, max_ep_len=self.max_ep_len, use_timestep_embedding=args.use_timestep_embedding,
+            precision=args.precision).to(device)
+        self.optimizer = Lamb(lamb_param_groups(self.model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
+        self.scheduler = warmup_schedule(self.optimizer, args.warmup_steps)
+        self.log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr,
+                                                      betas=(0.9, 0.999))
+        self.offline = TrajectoryReplay(len(data.episodes), state_mean=data.state_mean, state_std=data.state_std,
+                                        rtg_scale=args.rtg_scale, max_ep_len=self.max_ep_len,
+                                        device=device)  # pretraining samples all offline data
+        for episode in data.episodes:
+            self.offline.add(episode)
+        # GRPO is on-policy: each round's groups are used for its updates and dropped (no online replay).
+        self.online_optimizer = torch.optim.Adam(self.model.parameters(), lr=args.online_learning_rate)
+        self.ref_model: DecisionTransformer | None = None  # frozen pretrained policy (KL anchor), after pretraining
+        self.critic = Critic(data.obs_dim, data.act_dim, hidden=256, layer_norm=False).to(device)  # Q-GRPO only
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.critic_replay = CriticReplay(args.critic_buffer)
+        self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
+        self.meter = StatsMeter()
+        # The round in progress (reference episode, groups collected so far, then the minibatches still to train
+        # on): part of the checkpoint, so a stop inside a round resumes it exactly. Empty between rounds.
+        self.round_state: dict = {}
+        self.resumed = checkpoint is not None
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None)
+        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.final, self.final_at = {}, -1  # the latest evaluation's metrics and the update it was taken at
+        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+
+    # --- checkpoint --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        critic = None if not self.use_critic else {
+            "critic": self.critic.state_dict(), "target": self.critic_target.state_dict(),
+            "optimizer": self.critic_optimizer.state_dict(), "replay": dict(self.critic_replay.__dict__)}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
+                "temperature_optimizer": self.temperature_optimizer.state_dict(),
+                "online_optimizer": self.online_optimizer.state_dict(),
+                "reference_model": None if self.ref_model is None else self.ref_model.state_dict(),
+                "critic": critic, "counters": dict(self.counters), "meter": self.meter.state_dict(),
+                "round_state": self.round_state, "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         with torch.no_grad():
-            log_temperature.copy_(checkpoint["log_temperature"])
-        temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
-        online_optimizer.load_state_dict(checkpoint["online_optimizer"])
-        if checkpoint["reference_model"] is not None:
-            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-            ref_model.load_state_dict(checkpoint["reference_model"])
-        if checkpoint.get("critic") is not None:
-            critic.load_state_dict(checkpoint["critic"]["critic"])
-            critic_target.load_state_dict(checkpoint["critic"]["target"])
-            critic_optimizer.load_state_dict(checkpoint["critic"]["optimizer"])
-            critic_replay.__dict__.update(checkpoint["critic"]["replay"])
-        counters.update(checkpoint["counters"])
-        meter.load_state_dict(checkpoint["meter"])
-        round_state = checkpoint["round_state"]
-        restore_rng_state(rng, checkpoint["rng"])
-        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
-              f"env step {counters['env_steps']}")
-    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
-    stop = StopFlag()
+            self.log_temperature.copy_(state["log_temperature"])
+        self.temperature_optimizer.load_state_dict(state["temperature_optimizer"])
+        self.online_optimizer.load_state_dict(state["online_optimizer"])
+        if state["reference_model"] is not None:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            self.ref_model.load_state_dict(state["reference_model"])
+        if state.get("critic") is not None:
+            self.critic.load_state_dict(state["critic"]["critic"])
+            self.critic_target.load_state_dict(state["critic"]["target"])
+            self.critic_optimizer.load_state_dict(state["critic"]["optimizer"])
+            self.critic_replay.__dict__.update(state["critic"]["replay"])
+        self.counters.update(state["counters"])
+        self.meter.load_state_dict(state["meter"])
+        self.round_state = state["round_state"]
+        restore_rng_state(self.rng, state["rng"])
+        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
+              f"env step {self.counters['env_steps']}")
 
-    def checkpoint_now():
-        counters["wall_time_s"] = time.time() - start_time
-        if args.save_model:
-            save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "log_temperature": log_temperature.detach().cpu(),
-                "temperature_optimizer": temperature_optimizer.state_dict(),
-                "online_optimizer": online_optimizer.state_dict(),
-                "reference_model": None if ref_model is None else ref_model.state_dict(),
-                "critic": None if not use_critic else {
-                    "critic": critic.state_dict(), "target": critic_target.state_dict(),
-                    "optimizer": critic_optimizer.state_dict(), "replay": dict(critic_replay.__dict__)},
-                "counters": dict(counters), "meter": meter.state_dict(), "round_state": round_state,
-                "rng": rng_state(rng)})
+    def save_checkpoint(self) -> None:
+        self.counters["wall_time_s"] = time.time() - self.start_time
+        if self.args.save_model:
+            save_checkpoint(self.run_dir, self.state_dict())
 
-    def run_eval() -> dict:
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval,
-                        sample=False, device=device, max_ep_len=max_ep_len)
-        seeds = eval_seeds(args.seed, args.eval_episodes)  # same every evaluation
-        return evaluate(eval_envs, agent, seeds, data.normalized_score)
+    # --- shared steps ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        agent = DTAgent(self.model, self.args, state_mean=self.data.state_mean, state_std=self.data.state_std,
+                        target_return=self.args.g_eval, sample=False, device=self.device, max_ep_len=self.max_ep_len)
+        seeds = eval_seeds(self.args.seed, self.args.eval_episodes)  # same every evaluation
+        return evaluate(self.eval_envs, agent, seeds, self.data.normalized_score)
 
-    def log_row(extra: dict) -> None:
-        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        stats = meter.pop()
-        check_finite(stats, counters, run_dir)
-        logger.log({**row, **stats, **extra})
+    def row(self) -> dict:
+        return {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
+                "rounds": self.counters["rounds"]}
 
-    def train_step(source: TrajectoryReplay | dict, idx: torch.Tensor | None = None) -> dict:
+    def log_row(self, extra: dict) -> None:
+        """A metrics row: the counters, the mean of the training statistics since the last row, then `extra`."""
+        stats = self.meter.pop()
+        check_finite(stats, self.counters, self.run_dir)
+        self.logger.log({**self.row(), **stats, **extra})
+
+    def train_step(self) -> dict:
+        """One ODT update on an offline batch (pretraining)."""
         t0 = time.perf_counter()
-        if idx is None:
-            stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer,
-                           source.sample(args.batch_size, args.context_len, rng), args)
-        else:
-            stats = grpo_update(model, ref_model, online_optimizer, log_temperature, temperature_optimizer,
-                                source, idx, args)
-        counters["updates"] += 1
-        meter.add(stats, time.perf_counter() - t0)
+        stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                       log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
+                       batch=self.offline.sample(self.args.batch_size, self.args.context_len, self.rng), args=self.args)
+        return self.count_update(stats, t0)
+
+    def grpo_step(self, idx: torch.Tensor) -> dict:
+        """One GRPO update on the members `idx` of the round's batch."""
+        t0 = time.perf_counter()
+        stats = grpo_update(self.model, ref_model=self.ref_model, optimizer=self.online_optimizer,
+                            log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
+                            batch=self.round_state["batch"], idx=idx, args=self.args)
+        return self.count_update(stats, t0)
+
+    def count_update(self, stats: dict, t0: float) -> dict:
+        self.counters["updates"] += 1
+        self.meter.add(stats, time.perf_counter() - t0)
         return stats
 
-    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
-    # Offline pretraining (ODT, arXiv 2202.05607 Alg. 1 lines 1-3). The first row comes after one update.
-    last_ckpt = counters["updates"] // args.checkpoint_interval
-    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-               desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-    while counters["updates"] < args.pretrain_updates and not stop.requested:
-        train_step(offline)
-        bar.update(1)
-        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
-            # rounds ≥ online_steps / (groups × G × (L + L_eval)) steps; grpo_epochs × minibatches updates each
-            members = args.groups_per_round * args.group_size
-            rounds = args.online_steps / (members * (args.sub_len + args.cont_len))
-            online = rounds * args.grpo_epochs * math.ceil(members / (args.grpo_minibatch or members))
-            print_cost_estimate(meter.seconds / max(meter.n, 1), args, online)
-        if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-            log_row({"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()})
-            if counters["updates"] // args.checkpoint_interval > last_ckpt:
-                last_ckpt = counters["updates"] // args.checkpoint_interval
-                checkpoint_now()
-    bar.close()
-    if not stop.requested and not counters["pretrain_evaluated"]:
-        metrics = run_eval()
-        counters["pretrain_evaluated"] = True
-        log_row({"phase": "pretrain", **metrics})
-        print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-              f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
-        checkpoint_now()
+    # --- offline pretraining (ODT, arXiv 2202.05607 Alg. 1 lines 1-3) ------------------------------------------
+    def pretrain(self, stop: StopFlag) -> None:
+        """ODT updates on the offline data (the first row after one update), then one evaluation."""
+        args, counters = self.args, self.counters
+        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
+        while counters["updates"] < args.pretrain_updates and not stop.requested:
+            self.train_step()
+            bar.update(1)
+            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
+                self.print_cost_estimate()
+            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
+                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
+                if self.checkpoints.due(counters["updates"]):
+                    self.save_checkpoint()
+        bar.close()
+        if not stop.requested and not counters["pretrain_evaluated"]:
+            metrics = self.evaluate()
+            counters["pretrain_evaluated"] = True
+            self.log_row({"phase": "pretrain", **metrics})
+            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
+                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+            self.save_checkpoint()
 
-    # Online finetuning with GRPO only (arXiv 2601.00167). A round: reference episode, groups (one at a time),
-    # then grpo_epochs × minibatch updates. A stop request is honoured between two groups or two updates.
-    if ref_model is None:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-    bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-               disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
-    last_eval_step = counters["env_steps"] // args.eval_interval
-    final, final_at = {}, -1
+    def print_cost_estimate(self) -> None:
+        """rounds ≥ online_steps / (groups × G × (L + L_eval)) env steps; grpo_epochs × minibatches updates each."""
+        args = self.args
+        members = args.groups_per_round * args.group_size
+        rounds = args.online_steps / (members * (args.sub_len + args.cont_len))
+        online = rounds * args.grpo_epochs * math.ceil(members / (args.grpo_minibatch or members))
+        print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, online)
 
-    def count_steps(n: int) -> None:
-        """Count env steps; evaluate as soon as an --eval-interval boundary is crossed (within one group)."""
-        nonlocal last_eval_step, final, final_at
-        counters["env_steps"] += n
-        bar.update(n)
-        if counters["env_steps"] // args.eval_interval > last_eval_step:
-            t_eval = time.perf_counter()
-            last_eval_step = counters["env_steps"] // args.eval_interval
-            final, final_at = run_eval(), counters["updates"]
-            logger.log({"global_step": counters["updates"], "env_steps": counters["env_steps"],
-                        "rounds": counters["rounds"], "phase": "online", **final})
-            round_state["eval_time"] = round_state.get("eval_time", 0.0) + time.perf_counter() - t_eval
-
-    agent_args = (args.eval_context_len, data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
-    while not stop.requested:
-        if not round_state:  # a new round: the reference episode and its branch points
-            if counters["env_steps"] >= args.online_steps:
-                break
-            t_ref = time.perf_counter()
-            round_state.update(eval_time=0.0, rollout_time=0.0, parts=[], next_group=0, critic_loss=float("nan"))
-            episode_seed = online_episode_seed(args.seed, counters["rounds"])
-            ref_agent = WindowAgent(model, 1, *agent_args)
-            ref = reference_rollout(reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
-                                    args.reference_sample or use_critic)  # Q-GRPO learns from sampled episodes
-            round_state["rollout_time"] += time.perf_counter() - t_ref
-            count_steps(len(ref["rewards"]))
-            gap = args.sub_len if args.branch_gap is None else args.branch_gap
-            t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)  # active sampling
-            round_state.update(ref=ref, t0s=t0s, episode_seed=episode_seed)
-            if use_critic:
-                critic_replay.add_episode(ref_agent, ref)
-                losses = [critic_update(critic, critic_target, critic_optimizer, model,
-                                        critic_replay.sample(args.batch_size, rng), args)
-                          for _ in range(max(1, round(len(ref["rewards"]) * args.critic_updates_per_step)))]
-                round_state["critic_loss"] = float(torch.stack(losses).mean())
-                if counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
-                    round_state["parts"].append(critic_groups(model, critic, ref_agent, ref, t0s, args.group_size))
-                round_state["next_group"] = len(t0s)
-        ref, t0s = round_state["ref"], round_state["t0s"]
-        if "perms" not in round_state:  # collecting: one group at a time, so budgets hold to within one group
-            t_collect = time.perf_counter()
-            while round_state["next_group"] < len(t0s) and not stop.requested:
-                if counters["env_steps"] >= args.online_steps:
-                    round_state["next_group"] = len(t0s)
+    # --- online finetuning with GRPO only (arXiv 2601.00167) ---------------------------------------------------
+    def finetune(self, stop: StopFlag) -> None:
+        """GRPO rounds until --online-steps: reference episode, groups (one at a time), then grpo_epochs ×
+        minibatch updates. A stop request is honoured between two groups or two updates (`round_state`)."""
+        if self.ref_model is None:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.bar = tqdm(total=self.args.online_steps, initial=min(self.counters["env_steps"], self.args.online_steps),
+                        desc="finetuning", disable=not self.args.progress or stop.requested, unit="step",
+                        dynamic_ncols=True)
+        while not stop.requested:
+            if not self.round_state:
+                if self.counters["env_steps"] >= self.args.online_steps:
                     break
-                t = t0s[round_state["next_group"]]
-                agent = WindowAgent(model, args.group_size, *agent_args)
-                round_state["parts"].append(rollout_groups(member_envs, agent, ref, t[None],
-                                                           round_state["episode_seed"], args))
-                round_state["next_group"] += 1
-                count_steps(round_state["parts"][-1]["env_steps"])
-            round_state["rollout_time"] += time.perf_counter() - t_collect
-            if round_state["next_group"] < len(t0s):
-                break  # stopped between two groups
-            parts = round_state["parts"]
-            counters["rounds"] += 1
-            round_state["extra"] = {
-                "phase": "online", "rollout/return": float(ref["rewards"].sum()),
-                "rollout/length": float(len(ref["rewards"])),
-                "rollout/groups": sum(len(p["t0"]) for p in parts) // args.group_size,
-                "rollout/branch_step_mean": float(t0s.mean()),
-                "charts/SPS": (len(ref["rewards"]) + sum(p["env_steps"] for p in parts)) / max(
-                    round_state["rollout_time"] - round_state["eval_time"], 1e-9)}
-            if use_critic:
-                round_state["extra"]["train/critic_loss"] = round_state["critic_loss"]
-            round_state["perms"], round_state["effective"] = [], 0.0
-            if parts:
-                groups = concat_groups(parts)
-                round_state["batch"] = make_grpo_batch(model, groups, ref, args)
-                n_members = len(groups["t0"])
-                for _ in range(args.grpo_epochs):
-                    perm = torch.as_tensor(rng.permutation(n_members), device=device)
-                    round_state["perms"] += list(perm.split(args.grpo_minibatch or n_members))
-                round_state["extra"].update({"rollout/group_return": float(groups["scores"].mean()),
-                                             "train/group_return_std": float(round_state["batch"]["group_return_std"])})
-        while round_state["perms"] and not stop.requested:
-            stats = train_step(round_state["batch"], round_state["perms"].pop(0))
-            round_state["effective"] += float(stats["train/effective_update"])
-        if round_state["perms"]:
-            break  # stopped between two updates
-        extra = round_state["extra"]
-        if "batch" in round_state:
-            extra.update({"train/effective_updates": round_state["effective"],
-                          "charts/updates_per_second": meter.updates_per_second()})
-        if counters["env_steps"] >= args.online_steps and final_at != counters["updates"]:
-            final, final_at = run_eval(), counters["updates"]
-            extra.update(final)
-        log_row(extra)
-        bar.set_postfix(ret=f"{extra['rollout/return']:.4g}")
-        round_state.clear()
-        if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
-            last_ckpt = counters["updates"] // args.checkpoint_interval
-            checkpoint_now()
-    bar.close()
+                self.start_round()
+            if "perms" not in self.round_state:
+                if not self.collect_groups(stop):
+                    break  # stopped between two groups
+                self.plan_updates()
+            if not self.train_round(stop):
+                break  # stopped between two updates
+            self.end_round()
+        self.bar.close()
 
-    if stop.requested:
-        checkpoint_now()
-        logger.close()
-        mark_stopped(run_dir, counters)
-        return {"stopped": True, "run_dir": str(run_dir)}
+    def window_agent(self, n: int) -> WindowAgent:
+        return WindowAgent(self.model, n, k=self.args.eval_context_len, state_mean=self.data.state_mean,
+                           state_std=self.data.state_std, rtg_scale=self.args.rtg_scale, max_ep_len=self.max_ep_len,
+                           device=self.device)
 
-    if final_at != counters["updates"]:  # the last round did not evaluate (or there was no online phase)
-        final = run_eval()
-    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
-               "wall_time_s": time.time() - start_time, **final}
-    log_row({"phase": "final", **final})
-    if args.capture_video:
-        record_video(model, args, data, device, max_ep_len, run_dir)
-    if args.save_model:
-        torch.save(model.state_dict(), run_dir / "model.pt")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
-    print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
-    return summary
+    def count_steps(self, n: int) -> None:
+        """Count env steps; evaluate as soon as an --eval-interval boundary is crossed (within one group)."""
+        self.counters["env_steps"] += n
+        self.bar.update(n)
+        if self.evaluations.due(self.counters["env_steps"]):
+            t_eval = time.perf_counter()
+            self.final, self.final_at = self.evaluate(), self.counters["updates"]
+            self.logger.log({**self.row(), "phase": "online", **self.final})
+            self.round_state["eval_time"] += time.perf_counter() - t_eval
+
+    def start_round(self) -> None:
+        """The reference episode (steps 1-2), its branch points drawn ∝ the predicted action variance; Q-GRPO:
+        the critic's updates on it and, after the warm-up, all of the round's groups at once (Fig. 3c)."""
+        args, state = self.args, self.round_state
+        t_ref = time.perf_counter()
+        state.update(eval_time=0.0, rollout_time=0.0, parts=[], next_group=0, critic_loss=float("nan"))
+        episode_seed = online_episode_seed(args.seed, self.counters["rounds"])
+        ref_agent = self.window_agent(1)
+        ref = reference_rollout(self.reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
+                                sample=args.reference_sample or self.use_critic)  # Q-GRPO learns from samples
+        state["rollout_time"] += time.perf_counter() - t_ref
+        self.count_steps(len(ref["rewards"]))
+        gap = args.sub_len if args.branch_gap is None else args.branch_gap
+        t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, self.rng, gap=gap)
+        state.update(ref=ref, t0s=t0s, episode_seed=episode_seed)
+        if self.use_critic:
+            self.critic_replay.add_episode(ref_agent, ref)
+            n_updates = max(1, round(len(ref["rewards"]) * args.critic_updates_per_step))
+            losses = [critic_update(self.critic, critic_target=self.critic_target,
+                                    critic_optimizer=self.critic_optimizer, model=self.model,
+                                    batch=self.critic_replay.sample(args.batch_size, self.rng), args=args)
+                      for _ in range(n_updates)]
+            state["critic_loss"] = float(torch.stack(losses).mean())
+            if self.counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
+                state["parts"].append(critic_groups(self.model, self.critic, ref_agent, ref, t0s, g=args.group_size))
+            state["next_group"] = len(t0s)
+
+    def collect_groups(self, stop: StopFlag) -> bool:
+        """Step 3: the groups still to roll, one at a time so budgets hold to within one group. False if stopped."""
+        state, t0s = self.round_state, self.round_state["t0s"]
+        t_collect = time.perf_counter()
+        while state["next_group"] < len(t0s) and not stop.requested:
+            if self.counters["env_steps"] >= self.args.online_steps:
+                state["next_group"] = len(t0s)
+                break
+            t0 = t0s[state["next_group"]]
+            state["parts"].append(rollout_groups(self.member_envs, self.window_agent(self.args.group_size),
+                                                 state["ref"], t0[None], seed=state["episode_seed"], args=self.args))
+            state["next_group"] += 1
+            self.count_steps(state["parts"][-1]["env_steps"])
+        state["rollout_time"] += time.perf_counter() - t_collect
+        return state["next_group"] == len(t0s)
+
+    def plan_updates(self) -> None:
+        """Steps 4-5 set up: the round is counted, its rollout metrics fixed, the advantages and π_old computed
+        and the minibatches of every epoch drawn (so a resumed round trains on the same ones)."""
+        args, state, ref, parts = self.args, self.round_state, self.round_state["ref"], self.round_state["parts"]
+        self.counters["rounds"] += 1
+        state["extra"] = {
+            "phase": "online", "rollout/return": float(ref["rewards"].sum()),
+            "rollout/length": float(len(ref["rewards"])),
+            "rollout/groups": sum(len(p["t0"]) for p in parts) // args.group_size,
+            "rollout/branch_step_mean": float(state["t0s"].mean()),
+            "charts/SPS": (len(ref["rewards"]) + sum(p["env_steps"] for p in parts)) / max(
+                state["rollout_time"] - state["eval_time"], 1e-9)}
+        if self.use_critic:
+            state["extra"]["train/critic_loss"] = state["critic_loss"]
+        state["perms"], state["effective"] = [], 0.0
+        if parts:
+            groups = concat_groups(parts)
+            state["batch"] = make_grpo_batch(self.model, groups, ref, args)
+            n_members = len(groups["t0"])
+            for _ in range(args.grpo_epochs):
+                perm = torch.as_tensor(self.rng.permutation(n_members), device=self.device)
+                state["perms"] += list(perm.split(args.grpo_minibatch or n_members))
+            state["extra"].update({"rollout/group_return": float(groups["scores"].mean()),
+                                   "train/group_return_std": float(state["batch"]["group_return_std"])})
+
+    def train_round(self, stop: StopFlag) -> bool:
+        """Step 5: the round's remaining GRPO updates. False if stopped before the last."""
+        state = self.round_state
+        while state["perms"] and not stop.requested:
+            stats = self.grpo_step(state["perms"].pop(0))
+            state["effective"] += float(stats["train/effective_update"])
+        return not state["perms"]
+
+    def end_round(self) -> None:
+        """The round's metrics row (with the final evaluation once the budget is spent), then a checkpoint when
+        --checkpoint-interval updates have passed or at the end of the budget."""
+        args, counters, extra = self.args, self.counters, self.round_state["extra"]
+        if "batch" in self.round_state:
+            extra.update({"train/effective_updates": self.round_state["effective"],
+                          "charts/updates_per_second": self.meter.updates_per_second()})
+        if counters["env_steps"] >= args.online_steps and self.final_at != counters["updates"]:
+            self.final, self.final_at = self.evaluate(), counters["updates"]
+            extra.update(self.final)
+        self.log_row(extra)
+        self.bar.set_postfix(ret=f"{extra['rollout/return']:.4g}")
+        self.round_state.clear()
+        if self.checkpoints.due(counters["updates"]) or counters["env_steps"] >= args.online_steps:
+            self.save_checkpoint()
+
+    # --- the end of a run --------------------------------------------------------------------------------------
+    def stopped(self) -> dict:
+        """Ctrl-C / SIGTERM: checkpoint, mark the folder STOPPED with the command that continues it."""
+        self.save_checkpoint()
+        self.logger.close()
+        mark_stopped(self.run_dir, self.counters)
+        return {"stopped": True, "run_dir": str(self.run_dir)}
+
+    def finish(self) -> dict:
+        """The final evaluation (unless the last round took it), model.pt and summary.json."""
+        args, run_dir = self.args, self.run_dir
+        if self.final_at != self.counters["updates"]:  # the last round did not evaluate (or no online phase)
+            self.final = self.evaluate()
+        final = self.final
+        summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": self.counters,
+                   "wall_time_s": time.time() - self.start_time, **final}
+        self.log_row({"phase": "final", **final})
+        if args.capture_video:
+            record_video(self.model, args, self.data, self.device, self.max_ep_len, run_dir)
+        if args.save_model:
+            torch.save(self.model.state_dict(), run_dir / "model.pt")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
+              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
+        return summary
+
+
+def main(args: Args) -> dict:
+    args, data, device, run_dir, checkpoint, use_critic = set_up(args)  # flags, seeds, dataset, run folder
+    trainer = Trainer(args, data, device, run_dir, use_critic=use_critic, checkpoint=checkpoint)
+    stop = StopFlag()
+    trainer.pretrain(stop)  # offline: ODT (arXiv 2202.05607 Alg. 1 lines 1-3)
+    trainer.finetune(stop)  # online: GRPO rounds (arXiv 2601.00167), no supervised term
+    return trainer.stopped() if stop.requested else trainer.finish()
 
 
 def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:

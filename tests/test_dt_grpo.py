@@ -384,9 +384,9 @@ def test_advantage_source_follows_the_env(monkeypatch, restorable, one_step, adv
     args = dt_grpo.Args(env_id="anything-v0", advantage=advantage, g_eval=1.0)
     if expect == "error":
         with pytest.raises(dt_grpo.UserError, match="--advantage critic"):
-            dt_grpo.setup(args)
+            dt_grpo.load_and_check(args)
     else:
-        assert dt_grpo.setup(args)[2] == (expect == "critic")
+        assert dt_grpo.load_and_check(args)[2] == (expect == "critic")
 
 
 # --- per-dataset defaults ------------------------------------------------------------------------------------
