@@ -1545,7 +1545,7 @@ class Trainer:
     def finetune(self, stop: StopFlag) -> None:
         """GRPO rounds until --online-steps: reference episode, groups (one at a time), then grpo_epochs ×
         minibatch updates. A stop request is honoured between two groups or two updates (`round_state`)."""
-        if self.ref_model is None:
+        if self.ref_model is None and not stop.requested:  # the KL anchor is the fully pretrained policy
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.bar = tqdm(total=self.args.online_steps, initial=min(self.counters["env_steps"], self.args.online_steps),
                         desc="finetuning", disable=not self.args.progress or stop.requested, unit="step",

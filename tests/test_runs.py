@@ -122,6 +122,26 @@ def test_stop_inside_a_round_resumes_exactly(script, tmp_path, data_env):
 
 
 @pytest.mark.slow
+def test_dt_grpo_stopped_in_pretraining_anchors_the_kl_to_the_pretrained_policy(tmp_path, data_env):
+    """--kl-coef > 0 anchors GRPO to the frozen pretrained policy: a run stopped during pretraining must resume
+    to the same metrics as one never stopped (the anchor must not be the half-pretrained model)."""
+    args = [*ONLINE_TOY, "--pretrain-updates", "300", "--online-steps", "100", "--eval-interval", "100",
+            "--kl-coef", "1.0"]
+    (tmp_path / "a").mkdir()
+    run_script("dt_grpo.py", *args, cwd=tmp_path / "a", env=data_env)
+    reference = without_timing(read_metrics(only_run_dir(tmp_path / "a")))
+    (tmp_path / "b").mkdir()
+    pretraining = lambda rows: any(r.get("phase") == "pretrain" for r in rows)
+    rc, _, out = interrupt_when("dt_grpo.py", args, tmp_path / "b", data_env, pretraining)
+    assert rc == 3, out
+    run_dir = only_run_dir(tmp_path / "b")
+    rows = read_metrics(run_dir)
+    assert max(r["global_step"] for r in rows) < 300, "the stop did not land in pretraining"
+    run_script("dt_grpo.py", "--resume", str(run_dir), "--no-progress", cwd=tmp_path / "b", env=data_env)
+    assert without_timing(read_metrics(run_dir)) == reference
+
+
+@pytest.mark.slow
 def test_resume_of_a_finished_run_changes_nothing(tmp_path, data_env):
     run_script("reinformer_ag.py", "--env-id", "toy-ag-v0", *TOY_TINY, "--pretrain-updates", "5", "--eval-interval",
                "5", "--ag-steps", "1", cwd=tmp_path, env=data_env)
