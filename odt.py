@@ -1,46 +1,27 @@
 """Online Decision Transformer (ODT).
 
-Paper: Q. Zheng, A. Zhang, A. Grover, "Online Decision Transformer", ICML 2022, arXiv 2202.05607
-(§4, Alg. 1-2, App. C). Offline pretraining of a return-conditioned, stochastic decision
-transformer, then online finetuning: roll out one episode with sampled actions conditioned on a high
-target return g_online, store it in a trajectory-level FIFO replay with its *achieved* returns-to-go
-(hindsight relabeling, Alg. 2), and take 300 gradient steps on the max-entropy sequence-modeling
-objective (eqs. 3-7) between rollouts.
+Paper: Q. Zheng, A. Zhang, A. Grover, "Online Decision Transformer", ICML 2022, arXiv 2202.05607 (§4, Alg. 1-2,
+App. C). Offline pretraining of a stochastic, return-conditioned decision transformer, then online finetuning:
+roll out an episode conditioned on a high target return, store it in a trajectory FIFO replay with its achieved
+returns-to-go (hindsight relabeling), and take 300 max-entropy sequence-modeling updates (eqs. 3-7) per rollout.
 
 Usage:
     python odt.py --env-id hopper-medium-v2              # paper hyperparameters (Tables C.1-C.4)
     python odt.py --env-id hopper-random-v2 --help       # every flag, with its per-dataset default
     python odt.py --resume runs/<run folder>             # continue a stopped run
 
-Return-to-go convention of this script: RTG tokens are undiscounted suffix sums of the rewards,
-multiplied by `rtg_scale` (0.001 locomotion, 1 AntMaze) and always recomputed from the stored rewards
-(hindsight relabeling): online trajectories are trained on what they achieved.
-
 Deliberate differences from the reference implementation (github.com/facebookresearch/online-dt):
-- The transformer is a compact pre-LayerNorm GPT (ReLU MLP, dropout 0.1, fused scaled-dot-product
-  attention) instead of a HuggingFace GPT-2, initialised as the reference: N(0, 0.02) weights and zero
-  biases inside the blocks, PyTorch's default init for the return/state/action embeddings. The embeddings'
-  non-zero biases matter: LayerNorm(W·x) = LayerNorm(W·cx) for c > 0, so zero-bias embeddings pass only
-  the sign of R and lose every state's norm. No extra state/return prediction heads (their loss weight is
-  0 in the reference).
-- The μ and log-σ heads get N(0, 0.02) weights and zero biases; the reference's orthogonal init gives the
-  log-σ pre-activation unit variance on LayerNorm'd features, so some positions start at σ ≈ e⁻⁵ and the
-  NLL starts near 1e4 (hopper-random, 128×3 model, fp32: 10088 at update 1 and still 8992 after 150
-  warm-up updates, against 111 and 110 with small heads), which LAMB's small relative steps take long to undo.
-- LAMB (You et al., 2019, arXiv 1904.00962) is the reference's rule: bias-corrected Adam moments, a global
-  grad-norm clip at 1.0 inside the optimiser (a no-op after the 0.25 clip, in both), decoupled weight
-  decay, trust ratio ‖w‖/‖update‖ only where weight decay ≠ 0 (AntMaze's 0 gives Adam, in both). One
-  change: vectors (biases, LayerNorm gains) sit in a group without weight decay, hence without trust
-  ratio (LAMB's BERT recipe); the reference passes all tensors in one group, where a zero-initialised
-  tensor moves by lr·‖w‖ per step after its first step, i.e. stays near zero all run.
-- The entropy term averages over valid (non-padded) positions only; the reference also averages over
-  padding. The NLL is masked in both.
-- log λ (the entropy temperature) and its optimiser are saved in checkpoints (the reference forgets
-  it), together with the replay buffer and RNG state, so a stopped run resumes without losing progress.
-- Evaluation runs all episodes in a synchronous vector env with fixed seeds; each online episode is
-  reset with a seed derived from the round counter, so resumed runs see the same episodes.
-- Datasets come from Minari / D4RL files / local generation (`common/datasets.py`) on Gymnasium
-  MuJoCo v5 environments instead of D4RL on mujoco-py.
+- Compact pre-LN GPT instead of HuggingFace GPT-2, initialised as the reference; no state/return heads
+  (loss weight 0 there).
+- μ and log-σ heads: N(0, 0.02) weights, zero biases; the reference's orthogonal init starts the NLL near 1e4.
+- LAMB: vectors (biases, LayerNorm gains) get no weight decay or trust ratio, which keeps zero-init ones near 0.
+- The entropy term averages over valid positions only (the reference includes padding).
+- Checkpoints hold log λ, its optimiser, the replay and RNG states: a stopped run resumes exactly.
+- Fixed evaluation seeds; online episode seeds from the round counter: the same episodes after a resume.
+- Data: Minari / D4RL files / local generation on Gymnasium MuJoCo v5, not D4RL on mujoco-py.
+- Dropout masks on CPU draw 16-bit uniforms (p rounded to a multiple of 2^-16), see the `Dropout` class;
+  attention is computed explicitly on CPU. Both for speed.
+Details and measurements: docs/odt.md
 """
 
 from __future__ import annotations
@@ -217,8 +198,8 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
              **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {})}
     if one_step:  # data-derived return scale and targets (one_step_defaults)
         table.update({k: v for k, v in one_step_defaults(data).items() if hasattr(args, k)})
-    if family not in DATASET_DEFAULTS and data.ref_max_score is not None:
-        # Unknown family: condition on the expert return, explore with twice that (paper App. D).
+    if "g_eval" not in table and data.ref_max_score is not None:
+        # Unknown family: condition on the expert return, explore with twice that (ODT paper App. D).
         table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
@@ -875,7 +856,9 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
                                  f"Training stopped: {kept}.")
 
 
-def main(args: Args) -> dict:
+# Training: set-up, the run state and its two phases (Alg. 1)
+def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
+    """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
     validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
     args = apply_preset(args) if checkpoint is None else args
@@ -883,7 +866,6 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     args.precision = resolve_precision(args.precision, device)
 
@@ -894,163 +876,215 @@ def main(args: Args) -> dict:
                                "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
           f"device {device} ({args.precision}), run folder {run_dir}")
+    return args, data, device, run_dir, checkpoint
 
-    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
-    train_envs = make_vector_env(data.make_env, 1)
-    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
 
-    # ALGO LOGIC: model, optimisers, replay
-    model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
-                                args.dropout, max_ep_len, args.use_timestep_embedding, args.precision).to(device)
-    optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
-    scheduler = warmup_schedule(optimizer, args.warmup_steps)
-    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
-    replay_args = (data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device)
-    offline = TrajectoryReplay(len(data.episodes), *replay_args)  # pretraining samples all offline data
-    for episode in data.episodes:
-        offline.add(episode)
-    replay = TrajectoryReplay(args.buffer_size, *replay_args)
-    # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
-    ranked = sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]
-    for episode in ranked:
-        replay.add(episode)
+class Interval:
+    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
 
-    # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
-    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False, "round_updates_left": 0,
-                "round": {}}
-    meter = StatsMeter()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+    def __init__(self, every: int, start: int):
+        self.every, self.last = every, start // every
+
+    def due(self, n: int) -> bool:
+        if n // self.every <= self.last:
+            return False
+        self.last = n // self.every
+        return True
+
+
+class Trainer:
+    """The run state (model, optimisers, replays, counters, metrics); `state_dict()` is the checkpoint."""
+
+    def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
+        self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
+        self.rng = np.random.default_rng(args.seed)  # window sampling
+        self.eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+        self.train_envs = make_vector_env(data.make_env, 1)
+        self.max_ep_len = self.eval_envs.envs[0].spec.max_episode_steps or 1000
+
+        # ALGO LOGIC: model, optimisers, replay
+        self.model = DecisionTransformer(
+            data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers, n_heads=args.n_heads,
+            dropout=args.dropout, max_ep_len=self.max_ep_len, use_timestep_embedding=args.use_timestep_embedding,
+            precision=args.precision).to(device)
+        self.optimizer = Lamb(lamb_param_groups(self.model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
+        self.scheduler = warmup_schedule(self.optimizer, args.warmup_steps)
+        self.log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr,
+                                                      betas=(0.9, 0.999))
+        replay_kwargs = dict(state_mean=data.state_mean, state_std=data.state_std, rtg_scale=args.rtg_scale,
+                             max_ep_len=self.max_ep_len, device=device)
+        self.offline = TrajectoryReplay(len(data.episodes), **replay_kwargs)  # pretraining samples all offline data
+        for episode in data.episodes:
+            self.offline.add(episode)
+        self.replay = TrajectoryReplay(args.buffer_size, **replay_kwargs)
+        # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+        for episode in sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]:
+            self.replay.add(episode)
+
+        # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
+        self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False,
+                         "round_updates_left": 0, "round": {}}
+        self.meter = StatsMeter()
+        self.resumed = checkpoint is not None
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None)
+        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.final: dict = {}  # the metrics of finetuning's latest evaluation in this process
+        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
+                "temperature_optimizer": self.temperature_optimizer.state_dict(), "replay": self.replay.state_dict(),
+                "counters": dict(self.counters), "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
         with torch.no_grad():
-            log_temperature.copy_(checkpoint["log_temperature"])
-        temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
-        replay.load_state_dict(checkpoint["replay"])
-        counters.update(checkpoint["counters"])
-        meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(rng, checkpoint["rng"])
-        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
-              f"env step {counters['env_steps']}")
-    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
-    stop = StopFlag()
+            self.log_temperature.copy_(checkpoint["log_temperature"])
+        self.temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
+        self.replay.load_state_dict(checkpoint["replay"])
+        self.counters.update(checkpoint["counters"])
+        self.meter.load_state_dict(checkpoint["meter"])
+        restore_rng_state(self.rng, checkpoint["rng"])
+        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
+              f"env step {self.counters['env_steps']}")
 
-    def checkpoint_now():
-        counters["wall_time_s"] = time.time() - start_time
-        if args.save_model:
-            save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "log_temperature": log_temperature.detach().cpu(),
-                "temperature_optimizer": temperature_optimizer.state_dict(), "replay": replay.state_dict(),
-                "counters": dict(counters), "meter": meter.state_dict(), "rng": rng_state(rng)})
+    def save_checkpoint(self) -> None:
+        self.counters["wall_time_s"] = time.time() - self.start_time
+        if self.args.save_model:
+            save_checkpoint(self.run_dir, self.state_dict())
 
-    def run_eval() -> dict:
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval,
-                        sample=False, device=device, max_ep_len=max_ep_len)
-        seeds = eval_seeds(args.seed, args.eval_episodes)  # same every evaluation
-        return evaluate(eval_envs, agent, seeds, data.normalized_score)
+    def agent(self, target_return: float, *, explore: bool) -> DTAgent:
+        """Evaluation acts with the mean action tanh(μ); exploration samples from the policy (§4)."""
+        return DTAgent(self.model, self.args, state_mean=self.data.state_mean, state_std=self.data.state_std,
+                       target_return=target_return, sample=explore, device=self.device, max_ep_len=self.max_ep_len)
 
-    def log_row(extra: dict) -> None:
-        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        stats = meter.pop()
-        check_finite(stats, counters, run_dir)
-        logger.log({**row, **stats, **extra})
+    def evaluate(self) -> dict:
+        seeds = eval_seeds(self.args.seed, self.args.eval_episodes)  # same every evaluation
+        return evaluate(self.eval_envs, self.agent(self.args.g_eval, explore=False), seeds, self.data.normalized_score)
 
-    def train_step(source: TrajectoryReplay) -> None:
+    def train_step(self, source: TrajectoryReplay) -> None:
         t0 = time.perf_counter()
-        stats = update(model, optimizer, scheduler, log_temperature, temperature_optimizer,
-                       source.sample(args.batch_size, args.context_len, rng), args)
-        counters["updates"] += 1
-        meter.add(stats, time.perf_counter() - t0)
+        stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                       log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
+                       batch=source.sample(self.args.batch_size, self.args.context_len, self.rng), args=self.args)
+        self.counters["updates"] += 1
+        self.meter.add(stats, time.perf_counter() - t0)
 
-    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
-    # Offline pretraining (Alg. 1 lines 1-3). The first row comes after one update, with a cost estimate.
-    last_ckpt = counters["updates"] // args.checkpoint_interval
-    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-               desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-    while counters["updates"] < args.pretrain_updates and not stop.requested:
-        train_step(offline)
-        bar.update(1)
-        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
-            rounds = args.online_steps / max(args.min_steps_per_round or 0, max_ep_len)  # ≥ 1 episode each
-            print_cost_estimate(meter.seconds / max(meter.n, 1), args, rounds * args.updates_per_round)
-        if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-            log_row({"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()})
-            if counters["updates"] // args.checkpoint_interval > last_ckpt:
-                last_ckpt = counters["updates"] // args.checkpoint_interval
-                checkpoint_now()
-    bar.close()
-    if not stop.requested and not counters["pretrain_evaluated"]:
-        metrics = run_eval()
-        counters["pretrain_evaluated"] = True
-        log_row({"phase": "pretrain", **metrics})
-        print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-              f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
-        checkpoint_now()
+    def log_row(self, extra: dict) -> None:
+        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
+               "rounds": self.counters["rounds"]}
+        stats = self.meter.pop()
+        check_finite(stats, self.counters, self.run_dir)
+        self.logger.log({**row, **stats, **extra})
 
-    # Online finetuning (Alg. 1 lines 4-10). A stop request is honoured between any two updates of a round:
-    # the checkpoint holds the round's progress, so the resumed run finishes the round exactly.
-    bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-               disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
-    last_eval_step = counters["env_steps"] // args.eval_interval
-    final = {}
-    while not stop.requested:
-        if counters["round_updates_left"] == 0:
-            if counters["env_steps"] >= args.online_steps:
-                break
-            t0, returns, lengths = time.perf_counter(), [], []
-            agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online,
-                            sample=True, device=device, max_ep_len=max_ep_len)
-            while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-                episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
-                result = rollout(train_envs, agent, [episode_seed], record=True)
-                replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
-                returns.append(float(result.returns[0]))
-                lengths.append(int(result.lengths[0]))
-            counters["env_steps"] += sum(lengths)
-            counters["rounds"] += 1
-            counters["round_updates_left"] = args.updates_per_round
-            counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
-                                 "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
-            bar.update(sum(lengths))
-            bar.set_postfix(ret=f"{np.mean(returns):.4g}")
-        while counters["round_updates_left"] > 0 and not stop.requested:
-            train_step(replay)
-            counters["round_updates_left"] -= 1
-        if counters["round_updates_left"] > 0:
-            break  # stopped inside the round
-        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": meter.updates_per_second()}
-        if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
-            last_eval_step = counters["env_steps"] // args.eval_interval
-            extra.update(run_eval())
-            final = {k: v for k, v in extra.items() if k.startswith("eval/")}
-        log_row(extra)
-        if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
-            last_ckpt = counters["updates"] // args.checkpoint_interval
-            checkpoint_now()
-    bar.close()
+    def pretrain(self, stop: StopFlag) -> None:
+        """Offline pretraining (Alg. 1 lines 1-3), then one evaluation. The first row comes after one update,
+        with a cost estimate after three."""
+        args, counters = self.args, self.counters
+        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
+        while counters["updates"] < args.pretrain_updates and not stop.requested:
+            self.train_step(self.offline)
+            bar.update(1)
+            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
+                rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
+                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
+            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
+                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
+                if self.checkpoints.due(counters["updates"]):
+                    self.save_checkpoint()
+        bar.close()
+        if not stop.requested and not counters["pretrain_evaluated"]:
+            metrics = self.evaluate()
+            counters["pretrain_evaluated"] = True
+            self.log_row({"phase": "pretrain", **metrics})
+            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
+                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+            self.save_checkpoint()
 
-    if stop.requested:
-        checkpoint_now()
-        logger.close()
-        mark_stopped(run_dir, counters)
-        return {"stopped": True, "run_dir": str(run_dir)}
+    def finetune(self, stop: StopFlag) -> None:
+        """Online finetuning (Alg. 1 lines 4-10): rounds of rollouts, then `updates_per_round` updates. A stop
+        request is honoured between any two updates: the checkpoint holds the round's progress."""
+        args, counters = self.args, self.counters
+        bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
+                   disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
+        while not stop.requested and (counters["round_updates_left"] > 0 or counters["env_steps"] < args.online_steps):
+            if counters["round_updates_left"] == 0:
+                bar.update(self.collect_round())
+                bar.set_postfix(ret=f"{counters['round']['rollout/return']:.4g}")
+            while counters["round_updates_left"] > 0 and not stop.requested:
+                self.train_step(self.replay)
+                counters["round_updates_left"] -= 1
+            if counters["round_updates_left"] == 0:
+                self.end_round()
+        bar.close()
 
-    if not final:  # the last round did not evaluate (or there was no online phase)
-        final = run_eval()
-    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
-               "wall_time_s": time.time() - start_time, **final}
-    log_row({"phase": "final", **final})
-    if args.capture_video:
-        record_video(model, args, data, device, max_ep_len, run_dir)
-    if args.save_model:
-        torch.save(model.state_dict(), run_dir / "model.pt")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
-    print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
-    return summary
+    def collect_round(self) -> int:
+        """Episodes conditioned on g_online until the round has `min_steps_per_round` steps (default: one)."""
+        args, counters = self.args, self.counters
+        t0, returns, lengths = time.perf_counter(), [], []
+        agent = self.agent(args.g_online, explore=True)
+        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
+            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
+            result = rollout(self.train_envs, agent, [episode_seed], record=True)
+            self.replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
+            returns.append(float(result.returns[0]))
+            lengths.append(int(result.lengths[0]))
+        counters["env_steps"] += sum(lengths)
+        counters["rounds"] += 1
+        counters["round_updates_left"] = args.updates_per_round
+        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
+                             "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
+        return sum(lengths)
+
+    def end_round(self) -> None:
+        """The round's metrics row, with an evaluation and a checkpoint when due (and after the last round)."""
+        counters, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
+        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": self.meter.updates_per_second()}
+        if self.evaluations.due(counters["env_steps"]) or last:
+            extra.update(self.evaluate())
+            self.final = {k: v for k, v in extra.items() if k.startswith("eval/")}
+        self.log_row(extra)
+        if self.checkpoints.due(counters["updates"]) or last:
+            self.save_checkpoint()
+
+    def stopped(self) -> dict:
+        self.save_checkpoint()
+        self.logger.close()
+        mark_stopped(self.run_dir, self.counters)
+        return {"stopped": True, "run_dir": str(self.run_dir)}
+
+    def finish(self) -> dict:
+        """Final metrics row (evaluating unless the last round did), model.pt and summary.json."""
+        final = self.final or self.evaluate()  # the last round did not evaluate (or there was no online phase)
+        summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
+                   "wall_time_s": time.time() - self.start_time, **final}
+        self.log_row({"phase": "final", **final})
+        if self.args.capture_video:
+            record_video(self.model, self.args, self.data, self.device, self.max_ep_len, self.run_dir)
+        if self.args.save_model:
+            torch.save(self.model.state_dict(), self.run_dir / "model.pt")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
+              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
+        return summary
+
+
+def main(args: Args) -> dict:
+    args, data, device, run_dir, checkpoint = set_up(args)  # flags, seeds, dataset, run folder
+    trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, optimisers, replay; resumes a checkpoint
+    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    trainer.pretrain(stop)  # offline (Alg. 1 lines 1-3)
+    trainer.finetune(stop)  # online (Alg. 1 lines 4-10)
+    return trainer.stopped() if stop.requested else trainer.finish()
 
 
 def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:

@@ -1,45 +1,28 @@
 """Online Decision Transformer + TD3 gradients ("RL gradients as vitamin").
 
-Paper: K. Yan, A. G. Schwing, Y.-X. Wang, "Reinforcement Learning Gradients as Vitamin for Online
-Finetuning Decision Transformers", NeurIPS 2024, arXiv 2410.24108 (§3-4, App. H, Table 9).
-ODT (Zheng et al., ICML 2022) cannot improve in local action space
-when pretrained on low-return data: it only has ∂a/∂RTG, while improvement needs ∂RTG/∂a. This script
-is odt.py with (i) a deterministic tanh action head trained by masked MSE (no Gaussian, no entropy),
-(ii) a twin-Q MLP critic on (state, action) trained by TD3 on every valid window position, and (iii) a
-down-weighted TD3 actor term in the transformer's loss: L = MSE + α·(−mean Q1(s_t, μ_t)).
+Paper: K. Yan, A. G. Schwing, Y.-X. Wang, "Reinforcement Learning Gradients as Vitamin for Online Finetuning
+Decision Transformers", NeurIPS 2024, arXiv 2410.24108 (§3-4, App. H, Table 9). ODT (arXiv 2202.05607) with a
+deterministic tanh action head trained by masked MSE, a twin-Q critic trained by TD3 on every valid window
+position, and a down-weighted TD3 actor term: L = MSE + α·(−mean Q1(s_t, μ_t)). One update (--pretrain-updates,
+--updates-per-round) is one actor update after `policy_interval` critic updates.
 
 Usage:
     python odt_td3.py --env-id hopper-random-v2          # paper hyperparameters (Table 9), 500k online steps
     python odt_td3.py --env-id toy-vitamin-v0            # the motivation toy (paper §3.1)
     python odt_td3.py --env-id hopper-random-v2 --alpha-online 0        # baseline: deterministic ODT
-    python odt_td3.py --env-id hopper-random-v2 --supervised-coef 0     # baseline "TD3": DT actor, TD3 only
     python odt_td3.py --resume runs/<run folder>         # continue a stopped run
 
-Return-to-go convention of this script (as odt.py): RTG tokens are undiscounted suffix sums of the
-rewards, multiplied by `rtg_scale` (0.001 locomotion, 1 AntMaze/toys) and always recomputed from the
-stored rewards (hindsight relabeling). The critic sees raw, unscaled rewards (AntMaze: shifted r − 1).
-
-One "update" (the `global_step` counter, --pretrain-updates, --updates-per-round) is one actor update:
-`policy_interval` critic updates on fresh batches, then the actor and both Polyak targets (TD3's delayed
-policy update). So a round has 300 actor and 600 critic updates with the default interval 2.
-
 Deliberate differences from the authors' reference implementation (built on the ODT code):
-- Time-limit truncation is not a terminal: y = r + γ·min Q'(s', ã) bootstraps through it; only true
-  terminations set done = 1. The reference treats the last step of every trajectory as terminal, which
-  biases Q at time limits (Pardo et al., 2018).
-- Next states come from the dataset's next_observations, so the last position of every window (and the
-  last step of a truncated trajectory) is a full transition with its own bootstrap target.
-- Target actions come from the Polyak target transformer in eval mode (no dropout) under no_grad and, by
-  default, bfloat16 autocast: half the cost of that forward pass on this project's CPUs; the actions
-  change by ~0.005, far below the 0.2 target-smoothing noise (--no-bf16-targets restores fp32).
-- Budgets count actor updates: --pretrain-updates 5000 means 5000 actor and 10000 critic updates with
-  interval 2, so the actor gets as much supervised pretraining as in odt.py.
-- The toys default to α_online = 1 (MuJoCo: 0.1): their Q values are ~1000× smaller (rewards in [−1, 1]).
+- Time-limit truncations bootstrap (done = 1 at true terminations only); the reference's terminals bias Q.
+- Next states from the dataset's next_observations: a window's last position is a full transition too.
+- Target actor in eval mode under bf16 autocast: half the cost, actions change by ~0.005 (--no-bf16-targets).
+- Budgets count actor updates, so the actor gets as much supervised pretraining as in odt.py.
+- Toys default to α_online = 1 (MuJoCo: 0.1): their Q values are ~1000× smaller.
 - Critic optimiser: AdamW with torch's default weight decay 0.01; no gradient clipping (TD3).
-- Everything odt.py lists that still applies: LAMB as the ODT reference runs it (vectors without
-  weight decay or trust ratio), compact pre-LN GPT with the reference's initialisation, fixed
-  evaluation seeds, Gymnasium MuJoCo v5 data, and checkpoints that resume everything (actor, critic,
-  both targets, both optimisers, LR schedule, replay, RNG, counters).
+- As odt.py: LAMB without weight decay for vectors, compact pre-LN GPT, fixed evaluation seeds, Gymnasium data.
+- Dropout masks on CPU draw 16-bit uniforms (p rounded to a multiple of 2^-16), see the `Dropout` class;
+  attention is computed explicitly on CPU. Both for speed.
+Details and measurements: docs/odt_td3.md
 """
 
 from __future__ import annotations
@@ -622,8 +605,10 @@ def td_target(rewards, dones, q1_next, q2_next, gamma: float) -> torch.Tensor:
 @torch.no_grad()  # the target actor's forward pass builds no autograd graph
 def critic_targets(critic_target: Critic, model_target: DecisionTransformer, batch: dict, args) -> torch.Tensor:
     """y_t (B, K) for every window position: each valid position is a transition (s_t, a_t, r_t, s'_t, done_t)."""
-    next_actions = target_actions(model_target, batch, args.policy_noise, args.noise_clip, args.bf16_targets)
-    return td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions), args.gamma)
+    next_actions = target_actions(model_target, batch, policy_noise=args.policy_noise, noise_clip=args.noise_clip,
+                                  bf16=args.bf16_targets)
+    return td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions),
+                     gamma=args.gamma)
 
 
 def critic_loss(critic: Critic, critic_target: Critic, model_target: DecisionTransformer, batch: dict, args):
@@ -976,7 +961,9 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
                                  f"Training stopped: {kept}.")
 
 
-def main(args: Args) -> dict:
+# Training: set-up, the run state and its two phases (Alg. 1)
+def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
+    """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
     validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
     args = apply_preset(args) if checkpoint is None else args
@@ -984,7 +971,6 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     args.precision = resolve_precision(args.precision, device)
 
@@ -995,168 +981,223 @@ def main(args: Args) -> dict:
                                "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
           f"device {device} ({args.precision}), run folder {run_dir}")
+    return args, data, device, run_dir, checkpoint
 
-    eval_envs = make_vector_env(data.make_env, args.eval_episodes)
-    train_envs = make_vector_env(data.make_env, 1)
-    max_ep_len = eval_envs.envs[0].spec.max_episode_steps or 1000
 
-    # ALGO LOGIC: model, optimisers, replay
-    model = DecisionTransformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads,
-                                args.dropout, max_ep_len, args.use_timestep_embedding, args.precision).to(device)
-    optimizer = Lamb(lamb_param_groups(model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
-    scheduler = warmup_schedule(optimizer, args.warmup_steps)
-    model_target = copy.deepcopy(model).requires_grad_(False).eval()  # Polyak copy of the whole transformer
-    critic = Critic(data.obs_dim, data.act_dim, args.critic_hidden, args.critic_layer_norm).to(device)
-    critic_target = copy.deepcopy(critic).requires_grad_(False)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
-    replay_args = (data.state_mean, data.state_std, args.rtg_scale, max_ep_len, device, args.reward_shift)
-    offline = TrajectoryReplay(len(data.episodes), *replay_args)  # pretraining samples all offline data
-    for episode in data.episodes:
-        offline.add(episode)
-    replay = TrajectoryReplay(args.buffer_size, *replay_args)
-    # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
-    ranked = sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]
-    for episode in ranked:
-        replay.add(episode)
+class Interval:
+    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
 
-    # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
-    counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False, "round_updates_left": 0,
-                "round": {}}
-    meter = StatsMeter()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        model_target.load_state_dict(checkpoint["model_target"])
-        critic.load_state_dict(checkpoint["critic"])
-        critic_target.load_state_dict(checkpoint["critic_target"])
-        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-        replay.load_state_dict(checkpoint["replay"])
-        counters.update(checkpoint["counters"])
-        meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(rng, checkpoint["rng"])
-        print(f"Resumed from {run_dir}/checkpoint.pt at update {counters['updates']}, "
-              f"env step {counters['env_steps']}")
-    logger = RunLogger(run_dir, args, counters["updates"] if checkpoint is not None else None)
-    stop = StopFlag()
+    def __init__(self, every: int, start: int):
+        self.every, self.last = every, start // every
 
-    def checkpoint_now():
-        counters["wall_time_s"] = time.time() - start_time
-        if args.save_model:
-            save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "model_target": model_target.state_dict(), "critic": critic.state_dict(),
-                "critic_target": critic_target.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-                "replay": replay.state_dict(),
-                "counters": dict(counters), "meter": meter.state_dict(), "rng": rng_state(rng)})
+    def due(self, n: int) -> bool:
+        if n // self.every <= self.last:
+            return False
+        self.last = n // self.every
+        return True
 
-    def run_eval() -> dict:
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval,
-                        noise=0.0, device=device, max_ep_len=max_ep_len)
-        seeds = eval_seeds(args.seed, args.eval_episodes)  # same every evaluation
-        return evaluate(eval_envs, agent, seeds, data.normalized_score)
 
-    def log_row(extra: dict) -> None:
-        row = {"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"]}
-        stats = meter.pop()
-        check_finite(stats, counters, run_dir)
-        logger.log({**row, **stats, **extra})
+class Trainer:
+    """The run state (model, optimisers, replays, counters, metrics); `state_dict()` is the checkpoint."""
 
-    def train_step(source: TrajectoryReplay, alpha: float) -> None:
+    def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
+        self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
+        self.rng = np.random.default_rng(args.seed)  # window sampling
+        self.eval_envs = make_vector_env(data.make_env, args.eval_episodes)
+        self.train_envs = make_vector_env(data.make_env, 1)
+        self.max_ep_len = self.eval_envs.envs[0].spec.max_episode_steps or 1000
+
+        # ALGO LOGIC: model, optimisers, replay
+        self.model = DecisionTransformer(
+            data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers, n_heads=args.n_heads,
+            dropout=args.dropout, max_ep_len=self.max_ep_len, use_timestep_embedding=args.use_timestep_embedding,
+            precision=args.precision).to(device)
+        self.optimizer = Lamb(lamb_param_groups(self.model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
+        self.scheduler = warmup_schedule(self.optimizer, args.warmup_steps)
+        self.model_target = copy.deepcopy(self.model).requires_grad_(False).eval()  # Polyak copy of the transformer
+        self.critic = Critic(data.obs_dim, data.act_dim, hidden=args.critic_hidden,
+                             layer_norm=args.critic_layer_norm).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr)
+        replay_kwargs = dict(state_mean=data.state_mean, state_std=data.state_std, rtg_scale=args.rtg_scale,
+                             max_ep_len=self.max_ep_len, device=device, reward_shift=args.reward_shift)
+        self.offline = TrajectoryReplay(len(data.episodes), **replay_kwargs)  # pretraining samples all offline data
+        for episode in data.episodes:
+            self.offline.add(episode)
+        self.replay = TrajectoryReplay(args.buffer_size, **replay_kwargs)
+        # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+        for episode in sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]:
+            self.replay.add(episode)
+
+        # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
+        self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False,
+                         "round_updates_left": 0, "round": {}}
+        self.meter = StatsMeter()
+        self.resumed = checkpoint is not None
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None)
+        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.final: dict = {}  # the metrics of finetuning's latest evaluation in this process
+        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "model_target": self.model_target.state_dict(),
+                "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(), "replay": self.replay.state_dict(),
+                "counters": dict(self.counters), "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.model_target.load_state_dict(checkpoint["model_target"])
+        self.critic.load_state_dict(checkpoint["critic"])
+        self.critic_target.load_state_dict(checkpoint["critic_target"])
+        self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        self.replay.load_state_dict(checkpoint["replay"])
+        self.counters.update(checkpoint["counters"])
+        self.meter.load_state_dict(checkpoint["meter"])
+        restore_rng_state(self.rng, checkpoint["rng"])
+        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
+              f"env step {self.counters['env_steps']}")
+
+    def save_checkpoint(self) -> None:
+        self.counters["wall_time_s"] = time.time() - self.start_time
+        if self.args.save_model:
+            save_checkpoint(self.run_dir, self.state_dict())
+
+    def agent(self, target_return: float, *, explore: bool) -> DTAgent:
+        """Evaluation acts with the deterministic action; exploration adds Gaussian noise to it (TD3)."""
+        return DTAgent(self.model, self.args, state_mean=self.data.state_mean, state_std=self.data.state_std,
+                       target_return=target_return, noise=self.args.exploration_noise if explore else 0.0,
+                       device=self.device, max_ep_len=self.max_ep_len)
+
+    def evaluate(self) -> dict:
+        seeds = eval_seeds(self.args.seed, self.args.eval_episodes)  # same every evaluation
+        return evaluate(self.eval_envs, self.agent(self.args.g_eval, explore=False), seeds, self.data.normalized_score)
+
+    def train_step(self, source: TrajectoryReplay, alpha: float) -> None:
+        """One actor update after `policy_interval` critic updates, each on a fresh batch."""
         t0 = time.perf_counter()
-        batches = [source.sample(args.batch_size, args.context_len, rng) for _ in range(args.policy_interval)]
-        stats = update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer, batches,
-                       alpha, args)
-        counters["updates"] += 1
-        meter.add(stats, time.perf_counter() - t0)
+        batches = [source.sample(self.args.batch_size, self.args.context_len, self.rng)
+                   for _ in range(self.args.policy_interval)]
+        stats = update(self.model, model_target=self.model_target, critic=self.critic,
+                       critic_target=self.critic_target, optimizer=self.optimizer, scheduler=self.scheduler,
+                       critic_optimizer=self.critic_optimizer, batches=batches, alpha=alpha, args=self.args)
+        self.counters["updates"] += 1
+        self.meter.add(stats, time.perf_counter() - t0)
 
-    start_time = time.time() - counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
-    # Offline pretraining (Alg. 1 lines 1-3). The first row comes after one update, with a cost estimate.
-    last_ckpt = counters["updates"] // args.checkpoint_interval
-    bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-               desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-    while counters["updates"] < args.pretrain_updates and not stop.requested:
-        train_step(offline, args.alpha_pretrain)  # critic trained during pretraining too; α_pre = 0 except AntMaze
-        bar.update(1)
-        if counters["updates"] == 3 and checkpoint is None:  # updates 2-3: past the first call's warm-up
-            rounds = args.online_steps / max(args.min_steps_per_round or 0, max_ep_len)  # ≥ 1 episode each
-            print_cost_estimate(meter.seconds / max(meter.n, 1), args, rounds * args.updates_per_round)
-        if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-            log_row({"phase": "pretrain", "charts/updates_per_second": meter.updates_per_second()})
-            if counters["updates"] // args.checkpoint_interval > last_ckpt:
-                last_ckpt = counters["updates"] // args.checkpoint_interval
-                checkpoint_now()
-    bar.close()
-    if not stop.requested and not counters["pretrain_evaluated"]:
-        metrics = run_eval()
-        counters["pretrain_evaluated"] = True
-        log_row({"phase": "pretrain", **metrics})
-        print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-              f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
-        checkpoint_now()
+    def log_row(self, extra: dict) -> None:
+        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
+               "rounds": self.counters["rounds"]}
+        stats = self.meter.pop()
+        check_finite(stats, self.counters, self.run_dir)
+        self.logger.log({**row, **stats, **extra})
 
-    # Online finetuning (Alg. 1 lines 4-10). A stop request is honoured between any two updates of a round:
-    # the checkpoint holds the round's progress, so the resumed run finishes the round exactly.
-    bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-               disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
-    last_eval_step = counters["env_steps"] // args.eval_interval
-    final = {}
-    while not stop.requested:
-        if counters["round_updates_left"] == 0:
-            if counters["env_steps"] >= args.online_steps:
-                break
-            t0, returns, lengths = time.perf_counter(), [], []
-            agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_online,
-                            noise=args.exploration_noise, device=device, max_ep_len=max_ep_len)
-            while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-                episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
-                result = rollout(train_envs, agent, [episode_seed], record=True)
-                replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
-                returns.append(float(result.returns[0]))
-                lengths.append(int(result.lengths[0]))
-            counters["env_steps"] += sum(lengths)
-            counters["rounds"] += 1
-            counters["round_updates_left"] = args.updates_per_round
-            counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
-                                 "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
-            bar.update(sum(lengths))
-            bar.set_postfix(ret=f"{np.mean(returns):.4g}")
-        while counters["round_updates_left"] > 0 and not stop.requested:
-            train_step(replay, args.alpha_online)
-            counters["round_updates_left"] -= 1
-        if counters["round_updates_left"] > 0:
-            break  # stopped inside the round
-        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": meter.updates_per_second()}
-        if counters["env_steps"] // args.eval_interval > last_eval_step or counters["env_steps"] >= args.online_steps:
-            last_eval_step = counters["env_steps"] // args.eval_interval
-            extra.update(run_eval())
-            final = {k: v for k, v in extra.items() if k.startswith("eval/")}
-        log_row(extra)
-        if counters["updates"] // args.checkpoint_interval > last_ckpt or counters["env_steps"] >= args.online_steps:
-            last_ckpt = counters["updates"] // args.checkpoint_interval
-            checkpoint_now()
-    bar.close()
+    def pretrain(self, stop: StopFlag) -> None:
+        """Offline pretraining (Alg. 1 lines 1-3), then one evaluation. The first row comes after one update,
+        with a cost estimate after three."""
+        args, counters = self.args, self.counters
+        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
+                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
+        while counters["updates"] < args.pretrain_updates and not stop.requested:
+            self.train_step(self.offline, args.alpha_pretrain)  # critic trained too; α_pre = 0 except AntMaze
+            bar.update(1)
+            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
+                rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
+                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
+            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
+                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
+                if self.checkpoints.due(counters["updates"]):
+                    self.save_checkpoint()
+        bar.close()
+        if not stop.requested and not counters["pretrain_evaluated"]:
+            metrics = self.evaluate()
+            counters["pretrain_evaluated"] = True
+            self.log_row({"phase": "pretrain", **metrics})
+            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
+                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+            self.save_checkpoint()
 
-    if stop.requested:
-        checkpoint_now()
-        logger.close()
-        mark_stopped(run_dir, counters)
-        return {"stopped": True, "run_dir": str(run_dir)}
+    def finetune(self, stop: StopFlag) -> None:
+        """Online finetuning (Alg. 1 lines 4-10): rounds of rollouts, then `updates_per_round` updates. A stop
+        request is honoured between any two updates: the checkpoint holds the round's progress."""
+        args, counters = self.args, self.counters
+        bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
+                   disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
+        while not stop.requested and (counters["round_updates_left"] > 0 or counters["env_steps"] < args.online_steps):
+            if counters["round_updates_left"] == 0:
+                bar.update(self.collect_round())
+                bar.set_postfix(ret=f"{counters['round']['rollout/return']:.4g}")
+            while counters["round_updates_left"] > 0 and not stop.requested:
+                self.train_step(self.replay, args.alpha_online)
+                counters["round_updates_left"] -= 1
+            if counters["round_updates_left"] == 0:
+                self.end_round()
+        bar.close()
 
-    if not final:  # the last round did not evaluate (or there was no online phase)
-        final = run_eval()
-    summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": counters,
-               "wall_time_s": time.time() - start_time, **final}
-    log_row({"phase": "final", **final})
-    if args.capture_video:
-        record_video(model, args, data, device, max_ep_len, run_dir)
-    if args.save_model:
-        torch.save(model.state_dict(), run_dir / "model.pt")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
-    print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-          f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
-    return summary
+    def collect_round(self) -> int:
+        """Episodes conditioned on g_online until the round has `min_steps_per_round` steps (default: one)."""
+        args, counters = self.args, self.counters
+        t0, returns, lengths = time.perf_counter(), [], []
+        agent = self.agent(args.g_online, explore=True)
+        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
+            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
+            result = rollout(self.train_envs, agent, [episode_seed], record=True)
+            self.replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
+            returns.append(float(result.returns[0]))
+            lengths.append(int(result.lengths[0]))
+        counters["env_steps"] += sum(lengths)
+        counters["rounds"] += 1
+        counters["round_updates_left"] = args.updates_per_round
+        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
+                             "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
+        return sum(lengths)
+
+    def end_round(self) -> None:
+        """The round's metrics row, with an evaluation and a checkpoint when due (and after the last round)."""
+        counters, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
+        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": self.meter.updates_per_second()}
+        if self.evaluations.due(counters["env_steps"]) or last:
+            extra.update(self.evaluate())
+            self.final = {k: v for k, v in extra.items() if k.startswith("eval/")}
+        self.log_row(extra)
+        if self.checkpoints.due(counters["updates"]) or last:
+            self.save_checkpoint()
+
+    def stopped(self) -> dict:
+        self.save_checkpoint()
+        self.logger.close()
+        mark_stopped(self.run_dir, self.counters)
+        return {"stopped": True, "run_dir": str(self.run_dir)}
+
+    def finish(self) -> dict:
+        """Final metrics row (evaluating unless the last round did), model.pt and summary.json."""
+        final = self.final or self.evaluate()  # the last round did not evaluate (or there was no online phase)
+        summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
+                   "wall_time_s": time.time() - self.start_time, **final}
+        self.log_row({"phase": "final", **final})
+        if self.args.capture_video:
+            record_video(self.model, self.args, self.data, self.device, self.max_ep_len, self.run_dir)
+        if self.args.save_model:
+            torch.save(self.model.state_dict(), self.run_dir / "model.pt")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
+              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
+        return summary
+
+
+def main(args: Args) -> dict:
+    args, data, device, run_dir, checkpoint = set_up(args)  # flags, seeds, dataset, run folder
+    trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, optimisers, replay; resumes a checkpoint
+    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    trainer.pretrain(stop)  # offline (Alg. 1 lines 1-3)
+    trainer.finetune(stop)  # online (Alg. 1 lines 4-10)
+    return trainer.stopped() if stop.requested else trainer.finish()
 
 
 def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
