@@ -673,6 +673,18 @@ def check_writable(folder: Path, what: str) -> None:
                         f"or make {existing} writable.") from None
 
 
+def check_video_support() -> None:
+    """--capture-video needs imageio and imageio-ffmpeg: checked before any work, not after training."""
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--capture-video needs imageio and imageio-ffmpeg ({exc}). Install them with "
+                        "pip install -e '.[video]', or run without --capture-video.") from None
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders off-screen through EGL
+
+
 def validate_args(args: Args) -> None:
     """Budgets and sizes, checked before the dataset is loaded."""
     at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
@@ -685,6 +697,8 @@ def validate_args(args: Args) -> None:
     if args.embed_dim is not None and args.embed_dim % args.n_heads:
         raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
                         f"({args.n_heads}).")
+    if args.capture_video:
+        check_video_support()
 
 
 class RunLogger:
@@ -1067,10 +1081,11 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
-        if self.args.capture_video:
-            record_video(self.model, self.args, self.data, self.device, self.max_ep_len, self.run_dir)
         if self.args.save_model:
             torch.save(self.model.state_dict(), self.run_dir / "model.pt")
+        if self.args.capture_video:
+            record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
+                         seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
         print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
@@ -1087,14 +1102,14 @@ def main(args: Args) -> dict:
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
-def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
+def record_video(make_env, agent, seed: int, path: Path) -> None:
+    """--capture-video: one deterministic evaluation episode as an mp4. Headless MuJoCo renders through EGL
+    (check_video_support); a rendering failure only warns, the trained model is saved already."""
     try:
         import imageio.v2 as imageio
 
-        env = data.make_env(render_mode="rgb_array")
-        agent = DTAgent(model, args, data.state_mean, data.state_std, args.g_eval,
-                        sample=False, device=device, max_ep_len=max_ep_len)
-        obs, _ = env.reset(seed=eval_seeds(args.seed, 1)[0])
+        env = make_env(render_mode="rgb_array")
+        obs, _ = env.reset(seed=seed)
         agent.reset(obs[None].astype(np.float32))
         frames, done = [env.render()], False
         while not done:
@@ -1102,10 +1117,10 @@ def record_video(model, args, data, device, max_ep_len, run_dir: Path) -> None:
             agent.observe(np.array([reward], dtype=np.float32))
             frames.append(env.render())
             done = terminated or truncated
-        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
-    except Exception as exc:  # rendering needs a GL backend (MUJOCO_GL=egl or osmesa) and imageio-ffmpeg
-        print(f"warning: --capture-video failed ({exc}); set MUJOCO_GL=egl or osmesa and "
-              f"pip install imageio-ffmpeg", file=sys.stderr)
+        imageio.mimsave(path, frames, fps=30)
+        print(f"video of one evaluation episode ({len(frames)} frames): {path}")
+    except Exception as exc:  # e.g. no GL backend: MUJOCO_GL=egl needs libEGL, MUJOCO_GL=osmesa libOSMesa
+        print(f"warning: --capture-video failed ({exc}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_clear_error, only_run_dir, read_metrics, run_script
+from conftest import REPO, TINY_HOPPER, TINY_MODEL, assert_clear_error, only_run_dir, read_metrics, run_script
 
 SCRIPTS = ["odt.py", "odt_td3.py", "dt_grpo.py", "reinformer_ag.py"]
 TOY_TINY = ["--embed-dim", "16", "--n-layers", "1", "--n-heads", "1", "--batch-size", "16", "--warmup-steps", "10",
@@ -170,3 +170,33 @@ def test_preset_cpu_prints_and_applies_its_values_and_flags_win(tmp_path, data_e
     assert "--preset cpu:" in result.stdout and "--n-layers 3" in result.stdout
     assert config["n_layers"] == 3 and config["batch_size"] == 64  # from the preset
     assert config["embed_dim"] == 16 and config["pretrain_updates"] == 2  # explicit flags win
+
+
+# --- --capture-video ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_capture_video_writes_the_evaluation_episode(script, tmp_path, tiny_hopper):
+    """The final evaluation episode is encoded as eval.mp4 (headless: MuJoCo renders through EGL)."""
+    imageio = pytest.importorskip("imageio.v2")
+    egl = subprocess.run([sys.executable, "-c", "import mujoco; mujoco.GLContext(8, 8).make_current()"],
+                         env={**os.environ, "MUJOCO_GL": "egl"}, capture_output=True)
+    if egl.returncode != 0:
+        pytest.skip("no EGL on this machine: MuJoCo cannot render headless")
+    budget = ["--pretrain-updates", "3"] + (["--online-steps", "0"] if script != "reinformer_ag.py" else [])
+    result = run_script(script, *TINY_HOPPER, *TINY_MODEL, *budget, "--capture-video", cwd=tmp_path,
+                        env={**tiny_hopper, "DISPLAY": ""})
+    assert "warning: --capture-video failed" not in result.stderr, result.stderr
+    video = only_run_dir(tmp_path) / "eval.mp4"
+    frames = [frame for frame in imageio.get_reader(video)]  # noqa: C416 (list() asks len(): inf for mp4)
+    assert len(frames) > 5 and frames[0].shape[-1] == 3
+    assert not all((f == frames[0]).all() for f in frames[1:])  # the hopper moves
+
+
+def test_capture_video_without_imageio_ffmpeg_fails_before_any_work(tmp_path, data_env):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "imageio_ffmpeg.py").write_text("raise ImportError('No module named imageio_ffmpeg')\n")
+    result = run_script("odt.py", "--env-id", "toy-vitamin-v0", "--capture-video", cwd=tmp_path, check=False,
+                        env={**data_env, "PYTHONPATH": f"{shadow}{os.pathsep}{REPO}"})
+    assert_clear_error(result, "pip install -e '.[video]'")
+    assert not (tmp_path / "runs").exists()
