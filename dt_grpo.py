@@ -311,16 +311,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.n_heads = n_heads
         self.attn_drop, self.resid_drop = Dropout(dropout), Dropout(dropout)
+        self.fused: bool | None = None  # None: torch's fused kernel on accelerators, the explicit math on CPU
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
         """attn_mask None: causal. rows: compute only these query positions (keys and values: all)."""
         b, t, c = x.shape
+        explicit = x.device.type == "cpu" if self.fused is None else not self.fused
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
-        if attn_mask is None and (rows is not None or x.device.type == "cpu"):
+        if attn_mask is None and (rows is not None or explicit):
             attn_mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         if rows is not None:
             q, attn_mask = q[:, :, rows], attn_mask[..., rows, :]
-        if x.device.type == "cpu":
+        if explicit:
             # Explicit attention: torch's fused kernels cannot take our cheaper dropout, and at these sizes (≤ 60
             # tokens) its CPU flash kernel is slower than two matmuls; this is the math of its CPU fallback.
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))

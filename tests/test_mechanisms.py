@@ -565,6 +565,14 @@ def test_attention_without_dropout_equals_the_fused_kernel():
         for mode in (attn.train, attn.eval):
             assert torch.allclose(mode()(x, mask), fused(mask), atol=1e-5)
     assert torch.allclose(fused(None), fused(odt.attention_mask(torch.ones(3, 4, dtype=torch.bool))), atol=1e-5)
+    # The accelerator path (torch's kernel, forced here on CPU), also with only some query rows computed.
+    for mask in (odt.attention_mask(valid), None):
+        for rows in (None, slice(1, None, 3)):
+            explicit = attn.eval()(x, mask, rows)
+            attn.fused = True
+            assert torch.allclose(attn(x, mask, rows), explicit, atol=1e-5)
+            attn.fused = None
+    assert torch.allclose(attn(x, None, slice(1, None, 3)), attn(x, None)[:, 1::3], atol=1e-5)
 
 
 @pytest.mark.parametrize("script", [odt, odt_td3, dt_grpo])
