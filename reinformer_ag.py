@@ -158,9 +158,9 @@ class Args:
     polyak: float = 0.005
     """target-Q averaging rate"""
     ag_steps: int | None = None
-    """AG iterations n (0: plain Reinformer; None: per-dataset default from the sweep in the notes)"""
+    """AG iterations n (0: plain Reinformer; None: per-dataset default from the sweep in docs/reinformer_ag.md)"""
     ag_lr: float | None = None
-    """AG step size η (None: per-dataset default from the sweep in the notes)"""
+    """AG step size η (None: per-dataset default from the sweep in docs/reinformer_ag.md)"""
     ag_method: Literal["sgd", "momentum", "rmsprop", "adam"] = "sgd"
     """AG update: eq. 1 (sgd), eq. 6 (momentum), eq. 7 (rmsprop) or eq. 8 (adam)"""
     ag_zeta1: float = 0.9
