@@ -205,9 +205,10 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
     for key, value in filled.items():
         setattr(args, key, value)
-    print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-          + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                      for k, v in filled.items()))
+    if filled:  # nothing to fill on --resume: the run's config.json holds every value
+        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
+              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                          for k, v in filled.items()))
     missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
                and getattr(args, f.name) is None]
     if missing:

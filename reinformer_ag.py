@@ -231,9 +231,10 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
     for key, value in filled.items():
         setattr(args, key, value)
-    print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-          + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                      for k, v in filled.items()))
+    if filled:  # nothing to fill on --resume: the run's config.json holds every value
+        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
+              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                          for k, v in filled.items()))
     if args.eval_context_len is None:
         args.eval_context_len = args.context_len
     if args.conditioning == "target" and args.g_eval is None:

@@ -105,7 +105,8 @@ def test_stop_inside_a_round_resumes_exactly(script, tmp_path, data_env):
     # dt_grpo's toy round is 4 groups × 16 members: a longer budget gives it several rounds
     args = [*ONLINE_TOY, "--online-steps", "400", "--eval-interval", "130"] if script == "dt_grpo.py" else ONLINE_TOY
     (tmp_path / "a").mkdir()
-    run_script(script, *args, cwd=tmp_path / "a", env=data_env)
+    fresh = run_script(script, *args, cwd=tmp_path / "a", env=data_env)
+    assert "per-dataset defaults (toy-" in fresh.stdout
     reference = without_timing(read_metrics(only_run_dir(tmp_path / "a")))
 
     (tmp_path / "b").mkdir()
@@ -116,7 +117,8 @@ def test_stop_inside_a_round_resumes_exactly(script, tmp_path, data_env):
     run_dir = only_run_dir(tmp_path / "b")
     assert (run_dir / "STOPPED").exists() and not (run_dir / "summary.json").exists()
     assert f"--resume runs/{run_dir.name}" in (run_dir / "STOPPED").read_text()
-    run_script(script, "--resume", str(run_dir), "--no-progress", cwd=tmp_path / "b", env=data_env)
+    resumed = run_script(script, "--resume", str(run_dir), "--no-progress", cwd=tmp_path / "b", env=data_env)
+    assert "per-dataset defaults" not in resumed.stdout  # every value comes from the run's config.json
     assert not (run_dir / "STOPPED").exists() and (run_dir / "summary.json").exists()
     assert without_timing(read_metrics(run_dir)) == reference
 
