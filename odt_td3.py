@@ -416,8 +416,7 @@ class Critic(nn.Module):
 @torch.no_grad()
 def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """θ' ← τ·θ + (1 − τ)·θ' (TD3, τ = 0.005)."""
-    for t, p in zip(target.parameters(), source.parameters(), strict=True):
-        t.lerp_(p, tau)
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)  # one multi-tensor op
 
 
 # ALGO LOGIC: LAMB optimiser (You et al., 2019, arXiv 1904.00962, Alg. 2; ODT App. C)

@@ -431,9 +431,8 @@ class IQLCritic(nn.Module):
 
     @torch.no_grad()
     def update_targets(self, polyak: float) -> None:
-        for net, target in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
-            for p, tp in zip(net.parameters(), target.parameters(), strict=True):
-                tp.lerp_(p, polyak)
+        targets = [*self.q1_target.parameters(), *self.q2_target.parameters()]
+        torch._foreach_lerp_(targets, [*self.q1.parameters(), *self.q2.parameters()], polyak)  # θ' ← θ' + ρ(θ − θ')
 
 
 def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
