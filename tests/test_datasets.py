@@ -22,7 +22,7 @@ import pytest
 from gymnasium.envs.registration import EnvSpec
 
 from common import datasets
-from common.datasets import DatasetError, known_env_ids, load_dataset, make_env
+from common.datasets import DatasetError, DatasetInterrupted, known_env_ids, load_dataset, make_env
 from common.toys import ag_reward, vitamin_reward
 from conftest import REPO, TINY_MODEL, assert_clear_error, run_script
 
@@ -629,3 +629,32 @@ def test_ctrl_c_during_generation_ends_cleanly_and_caches_nothing(caches):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert not list((caches / "minari").glob(".staging*"))
     assert not (caches / "minari" / "generated" / "hopper" / "random-6000-v2").exists()
+
+
+class _PressCtrlCWhenFinalised:
+    def __del__(self):  # a finaliser, as h5py and the garbage collector run them all through a write
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_inside_a_finaliser_during_the_write_still_interrupts(caches, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a finaliser ("Exception ignored"); a Ctrl-C landing there
+    during the write must still stop the generation, and nothing may be cached."""
+    import minari
+
+    create = minari.create_dataset_from_buffers
+
+    def create_with_ctrl_c_in_a_finaliser(dataset_id, buffers, **kwargs):
+        def episodes():
+            for i, buffer in enumerate(buffers):
+                if i == 3:
+                    _PressCtrlCWhenFinalised()  # freed at once: the signal arrives inside __del__
+                yield buffer
+        return create(dataset_id, episodes(), **kwargs)
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", create_with_ctrl_c_in_a_finaliser)
+    with pytest.raises(DatasetInterrupted, match="Interrupted .Ctrl-C. while generating 'hopper-random-v2': nothing "
+                                                 "was cached"):
+        load_dataset("hopper-random-v2", generate_steps=GEN_STEPS, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the block restored Python's handler
+    assert not list((caches / "minari").glob(".staging*"))
+    assert not (caches / "minari" / "generated" / "hopper" / f"random-{GEN_STEPS}-v2").exists()

@@ -377,3 +377,24 @@ def test_download_all_cli(caches, server):
     assert offline.returncode == 2 and "Traceback" not in offline.stderr
     assert re.search(r"failed +hopper-random-v2: .* is unreachable .* offline, so the other 11 were not tried",
                      offline.stdout), offline.stdout
+
+
+class _PressCtrlCWhenFinalised:
+    def __del__(self):  # a finaliser: Python drops a KeyboardInterrupt raised in here ("Exception ignored")
+        signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
+def test_ctrl_c_dropped_inside_a_finaliser_still_stops_the_download(caches, server, monkeypatch):
+    name = serve(server)
+    start_and_total = datasets._start_and_total
+
+    def start_and_total_then_ctrl_c(response, start):
+        _PressCtrlCWhenFinalised()  # freed at once: the signal arrives inside __del__ and is dropped there
+        return start_and_total(response, start)
+
+    monkeypatch.setattr(datasets, "_start_and_total", start_and_total_then_ctrl_c)
+    with pytest.raises(DatasetError, match=r"Interrupted \(Ctrl-C\) while downloading .* nothing was cached"):
+        download_d4rl("hopper-medium-v2", progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not (caches / "d4rl" / name).exists()
