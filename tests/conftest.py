@@ -103,6 +103,14 @@ def run_and_interrupt(script: str, *args: str, cwd: Path, env: dict[str, str],
     return out
 
 
+class PressCtrlCWhenFinalised:
+    """Sends SIGINT to this process from its finaliser. Python drops a KeyboardInterrupt raised inside a finaliser
+    ("Exception ignored"), as happens when Ctrl-C lands while h5py or the garbage collector frees an object."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
 def only_run_dir(cwd: Path) -> Path:
     runs = sorted((cwd / "runs").iterdir())
     assert len(runs) == 1, runs

@@ -24,7 +24,7 @@ from gymnasium.envs.registration import EnvSpec
 from common import datasets
 from common.datasets import DatasetError, DatasetInterrupted, known_env_ids, load_dataset, make_env
 from common.toys import ag_reward, vitamin_reward
-from conftest import REPO, TINY_MODEL, assert_clear_error, run_script
+from conftest import REPO, TINY_MODEL, PressCtrlCWhenFinalised, assert_clear_error, run_script
 
 GEN_STEPS = 3000
 
@@ -631,10 +631,6 @@ def test_ctrl_c_during_generation_ends_cleanly_and_caches_nothing(caches):
     assert not (caches / "minari" / "generated" / "hopper" / "random-6000-v2").exists()
 
 
-class _PressCtrlCWhenFinalised:
-    def __del__(self):  # a finaliser, as h5py and the garbage collector run them all through a write
-        signal.raise_signal(signal.SIGINT)
-
 
 def test_ctrl_c_inside_a_finaliser_during_the_write_still_interrupts(caches, monkeypatch):
     """Python drops a KeyboardInterrupt raised inside a finaliser ("Exception ignored"); a Ctrl-C landing there
@@ -647,7 +643,7 @@ def test_ctrl_c_inside_a_finaliser_during_the_write_still_interrupts(caches, mon
         def episodes():
             for i, buffer in enumerate(buffers):
                 if i == 3:
-                    _PressCtrlCWhenFinalised()  # freed at once: the signal arrives inside __del__
+                    PressCtrlCWhenFinalised()  # freed at once: the signal arrives inside __del__
                 yield buffer
         return create(dataset_id, episodes(), **kwargs)
 

@@ -26,7 +26,7 @@ import pytest
 
 from common import datasets
 from common.datasets import D4RLDownloadError, DatasetError, download_d4rl, load_dataset
-from conftest import REPO
+from conftest import REPO, PressCtrlCWhenFinalised
 
 SERVER_LIFETIME = 60.0
 LENGTHS = (40, 30, 50)  # three episodes: terminal, timeout, terminal
@@ -379,10 +379,6 @@ def test_download_all_cli(caches, server):
                      offline.stdout), offline.stdout
 
 
-class _PressCtrlCWhenFinalised:
-    def __del__(self):  # a finaliser: Python drops a KeyboardInterrupt raised in here ("Exception ignored")
-        signal.raise_signal(signal.SIGINT)
-
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
 def test_ctrl_c_dropped_inside_a_finaliser_still_stops_the_download(caches, server, monkeypatch):
@@ -390,7 +386,7 @@ def test_ctrl_c_dropped_inside_a_finaliser_still_stops_the_download(caches, serv
     start_and_total = datasets._start_and_total
 
     def start_and_total_then_ctrl_c(response, start):
-        _PressCtrlCWhenFinalised()  # freed at once: the signal arrives inside __del__ and is dropped there
+        PressCtrlCWhenFinalised()  # freed at once: the signal arrives inside __del__ and is dropped there
         return start_and_total(response, start)
 
     monkeypatch.setattr(datasets, "_start_and_total", start_and_total_then_ctrl_c)
