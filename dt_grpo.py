@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
+from common.run import typed_fields
 
 
 @dataclass
@@ -1136,12 +1137,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def apply_preset(args: Args) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field still at its default."""
+def apply_preset(args: Args, typed: set[str] | None) -> Args:
+    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
+    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
     if args.preset == "paper":
         return args
-    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == defaults[k]}
+    if typed is None:
+        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
     for key, value in changed.items():
         setattr(args, key, value)
     print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
@@ -1362,12 +1365,13 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
                                  f"Training stopped: {kept}.")
 
 
-def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None, bool]:
+def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None,
+                                                              bool]:
     """Flags, seeds, device, dataset and GRPO checks, then the run folder: a refused start leaves nothing behind.
     Returns (args, data, device, run_dir, checkpoint or None, use_critic)."""
     validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args) if checkpoint is None else args
+    args = apply_preset(args, typed) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1717,8 +1721,8 @@ class Trainer:
         return summary
 
 
-def main(args: Args) -> dict:
-    args, data, device, run_dir, checkpoint, use_critic = set_up(args)  # flags, seeds, dataset, run folder
+def main(args: Args, typed: set[str] | None = None) -> dict:
+    args, data, device, run_dir, checkpoint, use_critic = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, use_critic=use_critic, checkpoint=checkpoint)
     stop = StopFlag()
     trainer.pretrain(stop)  # offline: ODT (arXiv 2202.05607 Alg. 1 lines 1-3)
@@ -1749,7 +1753,7 @@ def record_video(make_env, agent, seed: int, path: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        result = main(tyro.cli(Args))
+        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
     except (UserError, DatasetError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)

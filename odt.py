@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env, rollout
+from common.run import typed_fields
 
 
 @dataclass
@@ -647,12 +648,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def apply_preset(args: Args) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field still at its default."""
+def apply_preset(args: Args, typed: set[str] | None) -> Args:
+    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
+    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
     if args.preset == "paper":
         return args
-    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == defaults[k]}
+    if typed is None:
+        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
     for key, value in changed.items():
         setattr(args, key, value)
     print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
@@ -874,11 +877,11 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
 
 
 # Training: set-up, the run state and its two phases (Alg. 1)
-def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
+def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
     validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args) if checkpoint is None else args
+    args = apply_preset(args, typed) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1096,8 +1099,8 @@ class Trainer:
         return summary
 
 
-def main(args: Args) -> dict:
-    args, data, device, run_dir, checkpoint = set_up(args)  # flags, seeds, dataset, run folder
+def main(args: Args, typed: set[str] | None = None) -> dict:
+    args, data, device, run_dir, checkpoint = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, optimisers, replay; resumes a checkpoint
     stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
     trainer.pretrain(stop)  # offline (Alg. 1 lines 1-3)
@@ -1128,7 +1131,7 @@ def record_video(make_env, agent, seed: int, path: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        result = main(tyro.cli(Args))
+        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
     except (UserError, DatasetError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
+from common.run import typed_fields
 
 
 @dataclass
@@ -780,12 +781,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def apply_preset(args: Args) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field still at its default."""
+def apply_preset(args: Args, typed: set[str] | None) -> Args:
+    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
+    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
     if args.preset == "paper":
         return args
-    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == defaults[k]}
+    if typed is None:
+        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
     for key, value in changed.items():
         setattr(args, key, value)
     print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
@@ -1007,11 +1010,11 @@ def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None
 
 
 # Training: set-up, the run state and its offline phase (AG Alg. 1); --eval-only
-def set_up(args: Args) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
+def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
     validate_args(args)
     args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args) if checkpoint is None and args.eval_only is None else args
+    args = apply_preset(args, typed) if checkpoint is None and args.eval_only is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1243,10 +1246,10 @@ def evaluate_only(args: Args) -> dict:
     return summary
 
 
-def main(args: Args) -> dict:
+def main(args: Args, typed: set[str] | None = None) -> dict:
     if args.eval_only is not None:
         return evaluate_only(args)  # no training: evaluate a finished run's model (AG §5)
-    args, data, device, run_dir, checkpoint = set_up(args)  # flags, seeds, dataset, run folder
+    args, data, device, run_dir, checkpoint = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, critic, optimisers; resumes a checkpoint
     stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
     trainer.train(stop)  # offline Reinformer + IQL updates, evaluating RF and RF+AG (AG Alg. 1)
@@ -1276,7 +1279,7 @@ def record_video(make_env, agent, seed: int, path: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        result = main(tyro.cli(Args))
+        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
     except (UserError, DatasetError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)

@@ -174,6 +174,38 @@ def test_preset_cpu_prints_and_applies_its_values_and_flags_win(tmp_path, data_e
     assert config["embed_dim"] == 16 and config["pretrain_updates"] == 2  # explicit flags win
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_typed_flags_win_over_the_preset_even_at_their_default_value(script):
+    """`--preset cpu` fills only the flags the user did not type: `--n-layers 4` (the paper default) and
+    `--eval-interval 10000` stay, the untyped fields take the preset's values (README: explicit flags win)."""
+    import importlib
+
+    import tyro
+
+    from common.run import typed_fields
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    argv = ["--env-id", "hopper-random-v2", "--preset", "cpu", "--n-layers", "4", "--eval-interval", "10000",
+            "--batch-size=256"]
+    defaults = module.Args()
+    assert defaults.n_layers == 4 and module.PRESETS["cpu"]["n_layers"] != 4  # the case the old rule lost
+    args = module.apply_preset(tyro.cli(module.Args, args=argv), typed_fields(argv, module.Args))
+    assert (args.n_layers, args.eval_interval, args.batch_size) == (4, 10000, 256)
+    untyped = {k: v for k, v in module.PRESETS["cpu"].items() if k not in ("n_layers", "eval_interval", "batch_size")}
+    assert untyped and all(getattr(args, k) == v for k, v in untyped.items())
+    # From Python (no command line), a field away from its default counts as set.
+    args = module.apply_preset(module.Args(env_id="hopper-random-v2", preset="cpu", batch_size=7), None)
+    assert args.batch_size == 7 and args.n_layers == module.PRESETS["cpu"]["n_layers"]
+
+
+def test_typed_fields_reads_every_flag_spelling():
+    import odt_td3
+    from common.run import typed_fields
+
+    argv = ["--env-id", "x", "--no-progress", "--eval_interval=5", "--n-layers", "4", "positional", "--not-a-field"]
+    assert typed_fields(argv, odt_td3.Args) == {"env_id", "progress", "eval_interval", "n_layers"}
+
+
 # --- --capture-video ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
