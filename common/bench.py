@@ -60,10 +60,10 @@ YARDSTICK = {"small": dict(d_model=128, nhead=1, dim_feedforward=512, num_layers
 # (script, shape) → (official time per batch as a multiple of the stock step, target speed-up, where it comes from).
 # Per batch: one odt update; odt_td3 "one batch" = a critic step every batch, an actor step every 2nd.
 REFERENCE = {
-    ("odt", "small"): (0.82, 2.0, "official ODT step ≈ 0.82× stock, interleaved on an idle 2-core machine "
-                                  "(performance.md)"),
+    ("odt", "small"): (0.82, 2.0, "official ODT step ≈ 0.82× stock, interleaved on an idle 2-core "
+                                  "AVX-512 CPU"),
     ("odt", "paper"): (12.5 / 15.9, 2.5, "official ODT step 12.5 s vs stock 15.9 s, each measured alone "
-                                         "(performance.md)"),
+                                         "on an idle 2-core AVX-512 CPU"),
     ("odt_td3", "small"): (150 / 175 * 0.82, 2.0, "official ODT+TD3 batch ~150 ms vs official ODT step 175 ms, "
                                                   "both measured alone, × the interleaved 0.82 (an estimate)"),
     ("odt_td3", "paper"): (8.3 / 15.9, 2.5, "official ODT+TD3 batch 8.3 s vs stock 15.9 s, each measured alone "
@@ -369,7 +369,7 @@ def profile(fig: Figure, variant: Variant, device: torch.device, seconds: float,
         rate = gemm_rate(device, dtype, sync)
         say(f"profile [{variant.name}] {str(dtype)[6:]} 1024³ matmul here and now: {rate:.0f} GFLOP/s → "
             f"these FLOPs at that rate take {flops / rate / 1e6:.1f} ms = {flops / rate / 1e9 / seconds:.0%} of the "
-            f"median step (performance.md: fp32 ≈ 176 GFLOP/s on 2 idle threads)")
+            f"median step (for scale: fp32 ≈ 176 GFLOP/s on 2 idle threads of a 2-core AVX-512 CPU)")
 
 
 def main() -> None:
