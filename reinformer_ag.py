@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import typed_fields
+from common.run import pick_device, resume_command, typed_fields
 
 
 @dataclass
@@ -913,7 +913,7 @@ def start_run_folder(run_dir: Path, config: dict) -> None:
 
 def mark_stopped(run_dir: Path, counters: dict) -> None:
     """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
-    command = f"python {Path(sys.argv[0]).name} --resume {run_dir}"
+    command = resume_command(sys.argv[0], run_dir)
     (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
                                      f"continue with:\n  {command}\n")
     print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
@@ -1019,7 +1019,7 @@ def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = pick_device(args.cuda, typed)
     args.precision = resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+from pathlib import Path
+
+import torch
 
 
 def typed_fields(argv: list[str], cls) -> set[str]:
@@ -20,3 +25,19 @@ def typed_fields(argv: list[str], cls) -> set[str]:
         elif name.startswith("no_") and name[3:] in names:
             typed.add(name[3:])
     return typed
+
+
+def pick_device(cuda: bool, typed: set[str] | None) -> torch.device:
+    """The CUDA GPU when there is one and --cuda (the default) asks for it, else the CPU. A --cuda typed on a
+    machine without a GPU is told so instead of silently running on the CPU."""
+    if cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    if cuda and typed and "cuda" in typed:
+        print("--cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); running on the CPU")
+    return torch.device("cpu")
+
+
+def resume_command(script: str, run_dir: Path) -> str:
+    """The command that continues a stopped run, runnable from the folder the user started it in: the script's
+    path as seen from there (not assuming the repository root) and the run folder as it was given."""
+    return f"python {shlex.quote(os.path.relpath(Path(script).resolve()))} --resume {shlex.quote(str(run_dir))}"

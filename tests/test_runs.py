@@ -206,6 +206,33 @@ def test_typed_fields_reads_every_flag_spelling():
     assert typed_fields(argv, odt_td3.Args) == {"env_id", "progress", "eval_interval", "n_layers"}
 
 
+def test_resume_command_runs_from_the_folder_the_user_is_in(tmp_path, monkeypatch):
+    """The printed resume command names the script as seen from the current folder, not the repository root."""
+    import shlex
+
+    from common.run import resume_command
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    words = shlex.split(resume_command(str(REPO / "odt_td3.py"), Path("runs/a b")))
+    assert words[0] == "python" and words[2:] == ["--resume", "runs/a b"]
+    assert (Path.cwd() / words[1]).resolve() == REPO / "odt_td3.py"
+    monkeypatch.chdir(REPO)
+    assert shlex.split(resume_command("odt_td3.py", Path("runs/x")))[1] == "odt_td3.py"
+
+
+def test_typed_cuda_without_a_gpu_says_it_runs_on_the_cpu(capsys):
+    import torch
+
+    from common.run import pick_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert pick_device(True, {"cuda"}).type == "cpu"
+    assert "running on the CPU" in capsys.readouterr().out
+    assert pick_device(True, set()).type == "cpu" and capsys.readouterr().out == ""  # the default says nothing
+
+
 # --- --capture-video ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
