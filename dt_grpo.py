@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import pick_device, resume_command, typed_fields
+from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields
 
 
 @dataclass
@@ -1276,9 +1276,11 @@ def mark_stopped(run_dir: Path, counters: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / "checkpoint.pt")  # atomic: a crash never leaves a half-written checkpoint
+    """Atomic (staging file + rename): a crash or a full disk never leaves a half-written checkpoint."""
+    try:
+        atomic_save(state, run_dir / "checkpoint.pt")
+    except OSError as exc:  # e.g. ENOSPC: stop with one message, the last checkpoint still resumes
+        raise UserError(checkpoint_write_failure(run_dir, exc, sys.argv[0])) from None
 
 
 def rng_state(rng: np.random.Generator) -> dict:

@@ -41,3 +41,24 @@ def resume_command(script: str, run_dir: Path) -> str:
     """The command that continues a stopped run, runnable from the folder the user started it in: the script's
     path as seen from there (not assuming the repository root) and the run folder as it was given."""
     return f"python {shlex.quote(os.path.relpath(Path(script).resolve()))} --resume {shlex.quote(str(run_dir))}"
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """torch.save to `path` through a staging file and an atomic rename: a crash or a full disk mid-write never
+    leaves a half-written file at `path`, and a failed write removes its staging file before re-raising."""
+    staging = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_write_failure(run_dir: Path, exc: OSError, script: str) -> str:
+    """The one paragraph a failed checkpoint write ends with (ENOSPC and friends)."""
+    previous = run_dir / "checkpoint.pt"
+    kept = (f"The previous checkpoint {previous} is untouched and loadable: free space, then continue with "
+            f"`{resume_command(script, run_dir)}`" if previous.is_file() else
+            "There was no earlier checkpoint: free space and start the run again")
+    return f"Could not write the checkpoint to {run_dir} ({exc.strerror or exc}). Training stopped. {kept}."

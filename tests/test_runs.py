@@ -233,6 +233,34 @@ def test_typed_cuda_without_a_gpu_says_it_runs_on_the_cpu(capsys):
     assert pick_device(True, set()).type == "cpu" and capsys.readouterr().out == ""  # the default says nothing
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_checkpoint_write_failing_for_lack_of_space_keeps_the_previous_one(script, tmp_path, monkeypatch):
+    """ENOSPC during a checkpoint write (simulated: torch.save writes half the bytes, then the disk is full) ends
+    with one message that says the previous checkpoint is intact; that checkpoint still loads, no staging file."""
+    import errno
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    module.save_checkpoint(tmp_path, {"updates": 7, "w": torch.arange(1000.0)})
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(module.UserError) as err:
+        module.save_checkpoint(tmp_path, {"updates": 9, "w": torch.zeros(1000)})
+    monkeypatch.setattr(torch, "save", real_save)
+    message = str(err.value)
+    assert "No space left on device" in message and "untouched and loadable" in message and "--resume" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    kept = torch.load(tmp_path / "checkpoint.pt")
+    assert kept["updates"] == 7 and torch.equal(kept["w"], torch.arange(1000.0))
+
+
 # --- --capture-video ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
