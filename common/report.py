@@ -15,6 +15,14 @@ return, and per run env steps, gradient updates and wall time. Two variants whos
 are listed as a difference. Curves are the IQM and its 95 % interval per evaluation point, against online env
 steps (against gradient updates for offline-only runs). Reinformer+AG runs also log plain Reinformer on the
 same model and episodes (`eval_rf/…`); it is shown as an extra row `<variant> [RF, no AG]`.
+
+Each row also gives the best-during-training score (the highest evaluation of each run's curve, IQM over seeds:
+CORL reports both; "best" is optimistic, "final" is noisy, so read them together). Comparisons within a table are
+rliable's probability of improvement P(X > Y) with a 95 % stratified-bootstrap interval, for the pairs the sweep
+file lists as `claims = [["x", "y"], …]` (else every pair), each naming its seeds per side. Below MIN_SEEDS seeds
+on a side the report prints a warning instead of a verdict: with 3 seeds a "non-overlapping" interval is little
+more than the seeds' min-max. Seeds evaluated at slightly different env steps are aligned (point k of every
+seed at the seeds' median step k) rather than drawn as doubled markers.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ NEUTRAL_ARGS = {"seed", "resume", "progress", "track", "wandb_project_name", "wa
 IGNORED_DIRS = {"logs", "submitit", "wandb", "__pycache__"}
 SCORE, RETURN = "normalized_score_mean", "return_mean"
 METRIC_SETS = (("eval/", ""), ("eval_rf/", " [RF, no AG]"))  # summary prefix → row-label suffix
+MIN_SEEDS = 5  # fewer seeds per side: a warning instead of a verdict
 
 
 class ReportError(Exception):
@@ -241,6 +250,10 @@ class Row:
     iqm: float = math.nan
     lo: float = math.nan
     hi: float = math.nan
+    best: np.ndarray | None = None  # per run: the highest evaluation during training (None: no curves)
+    best_iqm: float = math.nan
+    best_lo: float = math.nan
+    best_hi: float = math.nan
 
 
 def make_row(variant: str, env_id: str, prefix: str, suffix: str, runs: list[RunResult], reps: int,
@@ -252,7 +265,53 @@ def make_row(variant: str, env_id: str, prefix: str, suffix: str, runs: list[Run
     returns = np.array([float(r.summary.get(f"{prefix}{RETURN}", math.nan)) for r in runs])
     row = Row(variant + suffix, variant, env_id, prefix, runs, scores, returns)
     row.iqm, row.lo, row.hi = iqm_ci(scores, reps, seed)
+    curves = [r.curve.get(prefix) for r in runs]
+    if all(c is not None and len(c[1]) for c in curves):
+        row.best = np.array([max(float(np.max(c[1])), s) for c, s in zip(curves, scores, strict=True)])
+        row.best_iqm, row.best_lo, row.best_hi = iqm_ci(row.best, reps, seed)
     return row
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000, seed: int = 0
+                               ) -> tuple[float, float, float]:
+    """rliable's P(X > Y) (Mann-Whitney U / (n_x n_y), ties count ½) and its 95 % stratified-bootstrap interval."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    x, y = np.asarray(x, dtype=float)[:, None], np.asarray(y, dtype=float)[:, None]
+    with warnings.catch_warnings(), _seeded(seed):
+        warnings.simplefilter("ignore")
+        point, ci = rly.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement, reps=reps)
+    return float(point["p"]), float(ci["p"][0, 0]), float(ci["p"][1, 0])
+
+
+def comparisons(rows: list[Row], claims: list | None, reps: int, seed: int) -> list[str]:
+    """One line per claimed pair (or every pair): P(X > Y) with its interval and the seeds per side; a verdict
+    (the interval excludes ½) only with ≥ MIN_SEEDS seeds on both sides, else a warning."""
+    by_label = {r.label: r for r in rows}
+    if claims:
+        pairs = [(by_label.get(a), by_label.get(b)) for a, b in claims]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    else:
+        pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:] if a.prefix == b.prefix]
+    lines = []
+    for a, b in pairs:
+        na, nb = len(a.scores), len(b.scores)
+        if na < 2 or nb < 2:
+            lines.append(f"- `{a.label}` vs `{b.label}` ({na} vs {nb} seeds): too few seeds to compare.")
+            continue
+        p, lo, hi = probability_of_improvement(a.scores, b.scores, reps, seed)
+        text = f"- P(`{a.label}` > `{b.label}`) = {_fmt(p)} [{_fmt(lo)}, {_fmt(hi)}] ({na} vs {nb} seeds, final score)"
+        if min(na, nb) < MIN_SEEDS:
+            text += f": **warning: fewer than {MIN_SEEDS} seeds on a side, no verdict**"
+        elif lo > 0.5:
+            text += ": `" + a.label + "` better"
+        elif hi < 0.5:
+            text += ": `" + b.label + "` better"
+        else:
+            text += ": inconclusive (the interval contains ½)"
+        lines.append(text + ".")
+    return lines
 
 
 def non_overlapping(rows: list[Row]) -> list[tuple[Row, Row]]:
@@ -293,16 +352,35 @@ def _wall(runs: list[RunResult]) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    out = ["| variant | script | seeds | final score, mean ± std | IQM [95% CI] | final return, mean | env steps "
-           "| updates | wall time / run |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| variant | script | seeds | final score, mean ± std | IQM [95% CI] | best during training, IQM [95% CI] "
+           "| final return, mean | env steps | updates | wall time / run |", "|---" * 10 + "|"]
     for row in rows:
         std = float(np.std(row.scores, ddof=1)) if len(row.scores) > 1 else math.nan
         ci = f"[{_fmt(row.lo)}, {_fmt(row.hi)}]" if len(row.scores) > 1 else "(1 seed)"
+        best = "n/a" if row.best is None else f"{_fmt(row.best_iqm)} " + (
+            f"[{_fmt(row.best_lo)}, {_fmt(row.best_hi)}]" if len(row.best) > 1 else "(1 seed)")
         out.append(f"| `{row.label}` | `{row.runs[0].script}` | {len(row.scores)} | {_fmt(float(row.scores.mean()))} ± "
-                   f"{_fmt(std)} | **{_fmt(row.iqm)}** {ci} | {_fmt(float(np.nanmean(row.returns)), 3)} | "
+                   f"{_fmt(std)} | **{_fmt(row.iqm)}** {ci} | {best} | {_fmt(float(np.nanmean(row.returns)), 3)} | "
                    f"{_mean_counter(row.runs, 'env_steps')} | {_mean_counter(row.runs, 'updates')} | "
                    f"{_wall(row.runs)} |")
     return out
+
+
+def aligned_steps(steps: list[np.ndarray], max_points: int = 60) -> np.ndarray:
+    """One x grid for seeds evaluated at slightly different steps (a round ends past the interval): point k of
+    the grid is the median over seeds of their k-th evaluation step, for the points every seed has; seeds with
+    different schedules share an even grid up to the shortest curve's end. Never the union of all steps, which
+    draws one seed's points and its neighbour's as doubled markers."""
+    n = min(len(s) for s in steps)
+    end = min(float(s[-1]) for s in steps)
+    if all(len(s) == n for s in steps) or n > max_points:
+        xs = np.median(np.stack([s[:n] for s in steps]), axis=0)
+        xs = np.minimum(xs, end)
+    else:
+        xs = np.linspace(max(float(s[0]) for s in steps), end, n)
+    if len(xs) > max_points:
+        xs = np.linspace(float(xs[0]), float(xs[-1]), max_points)
+    return np.unique(xs)
 
 
 def plot(rows: list[Row], title: str, path: Path, reps: int, seed: int) -> bool:
@@ -319,10 +397,7 @@ def plot(rows: list[Row], title: str, path: Path, reps: int, seed: int) -> bool:
         if any(c is None or len(c[0]) == 0 for c in curves):
             continue
         label = row.runs[0].x_label
-        end = min(float(c[0][-1]) for c in curves)
-        xs = np.unique(np.concatenate([c[0][c[0] <= end] for c in curves]))
-        if len(xs) > 60:
-            xs = np.linspace(float(xs[0]), end, 60)
+        xs = aligned_steps([c[0] for c in curves])
         ys = np.stack([np.interp(xs, c[0], c[1]) for c in curves])
         mid, lo, hi = iqm_curve(ys, reps, seed)
         if len(xs) == 1:  # evaluated only at the end: a point with its interval
@@ -380,7 +455,8 @@ def write_report(results: Path, out: Path, reps: int = 2000, seed: int = 0, comm
                                                      unfinished else "") + ".",
           "Final score = `eval/normalized_score_mean` of each run's summary.json; std over seeds with n − 1; IQM = "
           f"mean of the middle 50 % of runs, 95 % CI by stratified bootstrap (rliable, {reps} resamples, percentile)."
-          " Env steps, updates: per run (a range when seeds differ). Curves: IQM and 95 % CI at each evaluation.", ""]
+          " Best during training = each run's highest evaluation (optimistic). Env steps, updates: per run (a range "
+          "when seeds differ). Curves: IQM and 95 % CI at each evaluation, seeds aligned by evaluation index.", ""]
     if sweep.get("title"):
         md[0] = f"# Results: {sweep['title']}"
     if sweep.get("description"):
@@ -405,10 +481,19 @@ def write_report(results: Path, out: Path, reps: int = 2000, seed: int = 0, comm
             md += [""]
         md += table(rows) + [""]
         pairs = non_overlapping(rows)
-        if pairs:
+        few = [r for r in rows if len(r.scores) < MIN_SEEDS]
+        if len(rows) > 1:
+            md += ["Comparisons (rliable probability of improvement, 95 % CI):", ""]
+            md += comparisons(rows, exp.get("claims") or sweep.get("claims"), reps, seed) + [""]
+        if few and len(rows) > 1:
+            md += [f"**Warning: {', '.join(f'`{r.label}`' for r in few)} "
+                   f"{'has' if len(few) == 1 else 'have'} fewer than {MIN_SEEDS} seeds "
+                   f"({', '.join(str(len(r.scores)) for r in few)}): the intervals are close to the seeds' min-max, "
+                   "so no interval separation is reported as a difference.**", ""]
+        elif pairs:
             md += ["Non-overlapping 95 % IQM intervals: " + "; ".join(
-                f"`{a.label}` > `{b.label}` ({_fmt(a.iqm)} [{_fmt(a.lo)}, {_fmt(a.hi)}] vs {_fmt(b.iqm)} "
-                f"[{_fmt(b.lo)}, {_fmt(b.hi)}])" for a, b in pairs) + ".", ""]
+                f"`{a.label}` > `{b.label}` ({_fmt(a.iqm)} [{_fmt(a.lo)}, {_fmt(a.hi)}], {len(a.scores)} seeds vs "
+                f"{_fmt(b.iqm)} [{_fmt(b.lo)}, {_fmt(b.hi)}], {len(b.scores)} seeds)" for a, b in pairs) + ".", ""]
         elif len(rows) > 1 and all(len(r.scores) > 1 for r in rows):
             md += ["All 95 % IQM intervals overlap: no difference is established at this number of seeds.", ""]
         elif len(rows) > 1:
@@ -422,6 +507,9 @@ def write_report(results: Path, out: Path, reps: int = 2000, seed: int = 0, comm
         csv_rows.append({"run_folder": run.folder.name, "script": run.script, "variant": run.variant,
                          "env_id": run.env_id, "seed": run.seed, "finished": run.finished,
                          "normalized_score_mean": s.get(f"eval/{SCORE}", ""),
+                         "best_normalized_score": (max(float(np.max(run.curve["eval/"][1])),
+                                                       float(s.get(f"eval/{SCORE}", -math.inf)))
+                                                   if run.finished and "eval/" in run.curve else ""),
                          "return_mean": s.get(f"eval/{RETURN}", ""),
                          "rf_normalized_score_mean": s.get(f"eval_rf/{SCORE}", ""),
                          "rf_return_mean": s.get(f"eval_rf/{RETURN}", ""), "env_steps": c.get("env_steps", ""),

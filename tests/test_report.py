@@ -73,7 +73,8 @@ def test_report_numbers_tables_curves_and_csv(tmp_path):
     md = path.read_text()
     # odt: mean 4, std (n−1) = sqrt(50 / 4) = 3.54, IQM 3; odt_td3: all 50 → zero-width interval
     assert "| `odt` | `odt.py` | 5 | 4.00 ± 3.54 | **3.00** [" in md
-    assert "| `odt_td3` | `odt_td3.py` | 5 | 50.00 ± 0.00 | **50.00** [50.00, 50.00] | 0.500 | 30 | 101–105 |" in md
+    assert ("| `odt_td3` | `odt_td3.py` | 5 | 50.00 ± 0.00 | **50.00** [50.00, 50.00] | 50.00 [50.00, 50.00] | "
+            "0.500 | 30 | 101–105 |") in md
     assert "`odt_td3` > `odt`" in md
     # Reinformer+AG: the AG row and the plain-RF row from the same runs, and their difference
     assert "| `rf` | `reinformer_ag.py` | 5 | 93.00 ± 1.58 | **93.00**" in md
