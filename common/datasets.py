@@ -107,7 +107,7 @@ import numpy as np
 from gymnasium.envs.registration import EnvSpec
 from tqdm import tqdm
 
-from common.toys import TOYS, toy_offline_actions
+from common.toys import TOYS, ToyIdError, parse_toy, register_toy, toy_offline_actions
 
 
 class DatasetError(Exception):
@@ -267,8 +267,13 @@ def known_env_ids() -> list[str]:
 
 
 def _parse(env_id: str) -> _Name:
-    if env_id in TOYS:
-        return _Name(env_id, env_id.removesuffix("-v0"), "toy", None, False, env_id)
+    try:
+        toy = parse_toy(env_id)  # the papers' toys and every instance of their families (common/toys.py)
+    except ToyIdError as err:
+        raise DatasetError(str(err)) from None
+    if toy is not None:
+        register_toy(env_id)
+        return _Name(env_id, toy.family, "toy", None, False, env_id)
     if env_id in _D4RL_NAMES:
         return _D4RL_NAMES[env_id]
     if _MINARI_ID.match(env_id):
@@ -283,7 +288,8 @@ def _parse(env_id: str) -> _Name:
     raise DatasetError(
         f"Unknown dataset '{env_id}'.{hint} Accepted are D4RL-style names (e.g. hopper-random-v2, "
         f"halfcheetah-medium-replay-v2, antmaze-umaze-v2, pen-human-v1, maze2d-umaze-v1), the toys "
-        f"{', '.join(TOYS)}, and Minari dataset ids of the form namespace/name-vN (e.g. mujoco/hopper/medium-v0). "
+        f"{', '.join(TOYS)} and their families' instances (e.g. toy-vitamin-peak0.4-v0), and Minari dataset "
+        f"ids of the form namespace/name-vN (e.g. mujoco/hopper/medium-v0). "
         f"`python -m common.datasets --list` prints every D4RL-style name."
     )
 
@@ -1129,8 +1135,9 @@ def _download(minari_id: str) -> tuple[Path | None, str]:
 # --- resolution ------------------------------------------------------------------------------------------
 def _toy_data(name: _Name, seed: int) -> OfflineData:
     actions = toy_offline_actions(name.env_id, seed)
-    cls, ref_min, ref_max = TOYS[name.env_id]
-    rewards = cls.reward_fn(actions[:, 0]).astype(np.float32)
+    toy = register_toy(name.env_id)
+    ref_min, ref_max = toy.ref_scores
+    rewards = toy.reward(actions[:, 0]).astype(np.float32)
     one = np.ones((1, 1), dtype=np.float32)
     episodes = [Episode(one.copy(), a[None], r[None], np.ones(1, bool), np.zeros(1, bool), one.copy())
                 for a, r in zip(actions, rewards, strict=True)]
