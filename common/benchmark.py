@@ -129,10 +129,10 @@ def load_sweep(path: str | Path, scripts_dir: Path = REPO) -> Sweep:
         spec = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SweepError(f"sweep file {path} is not valid TOML: {exc}.") from exc
-    unknown = set(spec) - {"seeds", "flags", "experiments", "title", "description"}
+    unknown = set(spec) - {"seeds", "flags", "experiments", "title", "description", "claims"}
     if unknown:
         raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: seeds, flags, experiments, "
-                         f"title, description.")
+                         f"title, description, claims.")
     experiments = spec.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
         raise SweepError(f"{path}: no [experiments.NAME] table. Each experiment needs env_ids and a "
@@ -144,10 +144,10 @@ def load_sweep(path: str | Path, scripts_dir: Path = REPO) -> Sweep:
         where = f"{path}: [experiments.{exp_name}]"
         if not isinstance(exp, dict):
             raise SweepError(f"{where} must be a table.")
-        unknown = set(exp) - {"env_ids", "seeds", "flags", "variants", "title", "description"}
+        unknown = set(exp) - {"env_ids", "seeds", "flags", "variants", "title", "description", "claims"}
         if unknown:
             raise SweepError(f"{where}: unknown keys {sorted(unknown)}; allowed: env_ids, seeds, flags, variants, "
-                             f"title, description.")
+                             f"title, description, claims.")
         env_ids = exp.get("env_ids")
         if not isinstance(env_ids, list) or not env_ids or not all(isinstance(e, str) and e for e in env_ids):
             raise SweepError(f"{where}: env_ids must be a non-empty list of dataset names, e.g. "
