@@ -32,11 +32,38 @@ seconds before the time limit; the task then sends SIGTERM to the script, which 
 seconds, and submitit requeues the task, which continues the run with `--resume`. Preemption by Slurm itself
 (SIGTERM to every process of the job) reaches the script directly; a requeued task resumes the same way.
 `--backend submitit-local` runs the same code path with submitit's local executor (used by the tests).
+
+One runner per cell: whoever runs a cell (a local worker, a Slurm task) first takes `RESULTS/logs/<cell>.lock`
+(fcntl.flock, exclusive, non-blocking) and holds it until the script has ended and its end is recorded; a cell
+whose lock is held is skipped as running elsewhere, so two runners started on one sweep folder (or a local runner
+beside a Slurm array) never run the same cell twice. The kernel drops the lock of a killed runner.
+
+For a GPU cluster (the papers' tables are benchmarks/paper_*.toml):
+    python -m common.benchmark benchmarks/paper_odt_td3.toml --preflight   # datasets: here / to fetch / missing
+    python -m common.benchmark benchmarks/paper_odt_td3.toml --cost        # GPU-hours from common.bench --cuda
+    python -m common.benchmark benchmarks/paper_odt_td3.toml --backend slurm --gpus 1 --cpus-per-task 4 \
+        --runs-per-gpu 2 --time 24:00:00 --compact                          # 2 cells side by side per GPU task
+Before anything runs, the preflight looks up every cell's dataset without loading or fetching it: on disk (the
+Minari cache, the D4RL folder, a dataset generated earlier), generated at first use (a *-random-v2 stand-in), can be
+downloaded (`python -m common.datasets --download-all --names ...`), or cannot be had (e.g. D4RL's 111-dim ant
+files); cells whose data is not on disk (nor generated) are refused, all listed in one message, and the others go
+ahead (exit status 1 at the end; `--no-preflight` skips the check). `--runs-per-gpu k` makes each array task run
+k cells side by side, each its own script process on the task's GPU (--cpus-per-task defaults to k x
+--threads-per-run); on USR2 the task stops all k (they checkpoint) and the requeued task resumes them. `--cost`
+(also printed by `--dry-run` and before a Slurm submission) multiplies each script's updates and env steps per cell
+(from its own per-dataset tables) by the GPU time per update and per env step read from saved outputs of
+`python -m common.bench --script S --shape paper --cuda` in `--bench-dir` (default results/bench/*.txt); where a
+figure was never measured on a GPU it says which, and the command that measures it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import fcntl
+import functools
+import importlib.util
 import logging
 import math
 import os
@@ -47,6 +74,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,9 +415,18 @@ def run_local(results: Path, runs: list[Run], workers: int, threads: int, python
         while queue or active:
             while queue and len(active) < workers and not stop["requested"]:
                 run = queue.pop(0)
+                taken = claim_cell(results, run)
+                if taken != "ours":  # another runner (or a Slurm task) holds the cell's lock, or finished it
+                    counts["pending"] -= 1
+                    counts["done"] += taken == "done"
+                    if taken != "done":
+                        elsewhere.append(run)
+                        print(f"[sweep] skip {run.name}: {taken} in another process", file=out, flush=True)
+                    continue
                 cmd = prepare(results, run, python, scripts_dir)
                 counts["pending"] -= 1
                 if cmd is None:
+                    release(results, run)
                     counts["done"] += 1
                     continue
                 proc = launch(results, run, cmd, threads)
@@ -406,6 +443,7 @@ def run_local(results: Path, runs: list[Run], workers: int, threads: int, python
                 del active[pid]
                 counts["running"] -= 1
                 outcome = finish(results, run, proc.returncode)
+                release(results, run)
                 if outcome == "done":
                     counts["done"] += 1
                     durations.append(time.time() - t0)
@@ -472,8 +510,12 @@ class SweepTask:
 
     def __call__(self, run: Run) -> str:
         results = Path(self.results)
+        taken = claim_cell(results, run)
+        if taken != "ours":
+            return f"{run.name}: {'already done' if taken == 'done' else taken + ' in another process, skipped'}"
         cmd = prepare(results, run, sys.executable, Path(self.scripts_dir))
         if cmd is None:
+            release(results, run)
             return f"{run.name}: already done"
         print(f"[task] {run.name}: {shlex.join(cmd)}", flush=True)
         self._proc = launch(results, run, cmd, self.threads)
@@ -482,6 +524,7 @@ class SweepTask:
             time.sleep(0.5)
         self._proc.log.close()
         outcome = finish(results, run, self._proc.returncode)
+        release(results, run)
         if outcome == "done":
             if self.compact:
                 compact_run(cell_state(results, run).folder)
@@ -510,6 +553,7 @@ class SweepTask:
             except (ProcessLookupError, ChildProcessError):
                 pass
             _marker(Path(self.results), run, "running").unlink(missing_ok=True)
+            release(Path(self.results), run)
             code = proc.poll()
             print(f"[task] {run.name}: script stopped {time.time() - t0:.1f} s after SIGTERM (exit {code}); "
                   f"requeueing to continue with --resume", flush=True)
@@ -580,6 +624,8 @@ def make_executor(backend: str, results: Path, args: argparse.Namespace):
 
 
 def run_submitit(results: Path, runs: list[Run], args: argparse.Namespace, out=sys.stdout) -> int:
+    if getattr(args, "runs_per_gpu", 1) > 1:
+        return run_submitit_groups(results, runs, args, out)
     todo = [r for r in runs if cell_state(results, r).state not in ("done", "running")]
     skipped = len(runs) - len(todo)
     if not todo:
@@ -625,6 +671,488 @@ def run_submitit(results: Path, runs: list[Run], args: argparse.Namespace, out=s
 
 
 # ---------------------------------------------------------------------------------------------------------
+# one runner per cell: a lock per cell (two runners on one sweep folder never run the same cell twice)
+# ---------------------------------------------------------------------------------------------------------
+_HELD: dict[str, int] = {}  # lock file → the descriptor through which this process holds it
+
+
+def claim_cell(results: Path, run: Run) -> str:
+    """Take the cell's lock, `RESULTS/logs/<cell>.lock` (fcntl.flock, exclusive, non-blocking), before anything
+    about the cell is decided. Returns "ours" (this process holds it until `release`, or until it exits: the
+    kernel drops the lock of a killed process), "locked" (another runner or Slurm task holds it: running there),
+    "done" or "running" (found so once the lock was ours: finished meanwhile, or a live script of an earlier
+    runner still owns it; the lock is given back). flock is atomic, also between nodes on NFS (Linux maps it to
+    an NFS byte-range lock)."""
+    lock = _marker(results, run, "lock")
+    if str(lock) in _HELD:
+        return "ours"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return "locked"
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.uname().nodename}:{os.getpid()}\n".encode())
+    _HELD[str(lock)] = fd
+    state = cell_state(results, run).state
+    if state in ("done", "running"):
+        release(results, run)
+        return state
+    return "ours"
+
+
+def release(results: Path, run: Run) -> None:
+    """Give the cell's lock back (the file stays: removing it would let two runners lock two different files)."""
+    fd = _HELD.pop(str(_marker(results, run, "lock")), None)
+    if fd is not None:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several runs per GPU: k cells side by side in one array task
+# ---------------------------------------------------------------------------------------------------------
+class SweepGroupTask(SweepTask):
+    """What one array task runs with `--runs-per-gpu k`: its k cells side by side, each a script process of its
+    own on the task's GPU (a plain process pool: the task starts them, polls them and records each one's end as
+    the one-cell task does). Each cell is locked, prepared (fresh or `--resume`) and finished exactly as alone.
+    On USR2 `checkpoint` stops every running script with SIGTERM (each checkpoints and exits 3) and hands back
+    the same group, which submitit requeues; the requeued task resumes the stopped cells and skips done ones."""
+
+    def __init__(self, results: str, threads: int, scripts_dir: str = str(REPO), stop_timeout_s: float = 60.0,
+                 compact: bool = False, runs_per_gpu: int = 2):
+        super().__init__(results, threads, scripts_dir, stop_timeout_s, compact)
+        self.runs_per_gpu = runs_per_gpu
+        self._active: dict[Run, subprocess.Popen] = {}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_active")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._proc, self._active = None, {}
+
+    def __call__(self, runs: list[Run]) -> str:  # type: ignore[override]
+        results, queue, lines, problems = Path(self.results), list(runs), [], []
+        while queue or self._active:
+            while queue and len(self._active) < self.runs_per_gpu:
+                run = queue.pop(0)
+                taken = claim_cell(results, run)
+                cmd = prepare(results, run, sys.executable, Path(self.scripts_dir)) if taken == "ours" else None
+                if cmd is None:
+                    release(results, run)
+                    lines.append(f"{run.name}: {'already done' if taken in ('ours', 'done') else taken + ' elsewhere'}")
+                    print(f"[task] {lines[-1]}, skipped", flush=True)
+                    continue
+                print(f"[task] {run.name}: {shlex.join(cmd)}", flush=True)
+                self._active[run] = launch(results, run, cmd, self.threads)
+            for run, proc in list(self._active.items()):
+                if proc.poll() is None:
+                    continue
+                proc.log.close()
+                del self._active[run]
+                outcome = finish(results, run, proc.returncode)
+                release(results, run)
+                print(f"[task] {run.name}: {outcome} (exit {proc.returncode})", flush=True)
+                if outcome == "done" and self.compact:
+                    compact_run(cell_state(results, run).folder)
+                if outcome == "failed":
+                    problems.append(f"{run.name}: {_marker(results, run, 'failed').read_text().splitlines()[0]}")
+                elif outcome == "stopped":
+                    problems.append(f"{run.name}: stopped by a signal (exit 3) and checkpointed; a requeued task "
+                                    f"or a re-issued sweep resumes it")
+                lines.append(f"{run.name}: {outcome}")
+            time.sleep(0.5)
+        if problems:
+            raise RuntimeError(f"{len(problems)} of {len(runs)} cells did not finish: " + "; ".join(problems))
+        return "; ".join(lines)
+
+    def checkpoint(self, runs: list[Run]):  # type: ignore[override]
+        import submitit
+
+        active = dict(self._active)
+        print(f"[task] preempted or timing out; stopping {len(active)} script(s) so they checkpoint", flush=True)
+        t0 = time.time()
+        for proc in active.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = t0 + self.stop_timeout_s
+        for run, proc in active.items():
+            try:
+                while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    if time.time() > deadline:  # the last periodic checkpoint is still there to resume from
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+                    time.sleep(0.2)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            _marker(Path(self.results), run, "running").unlink(missing_ok=True)
+            release(Path(self.results), run)
+            print(f"[task] {run.name}: script stopped {time.time() - t0:.1f} s after SIGTERM (exit {proc.poll()}); "
+                  f"requeueing to continue with --resume", flush=True)
+        return submitit.helpers.DelayedSubmission(
+            SweepGroupTask(self.results, self.threads, self.scripts_dir, self.stop_timeout_s, self.compact,
+                           self.runs_per_gpu), runs)
+
+
+def groups_of(runs: list[Run], k: int) -> list[list[Run]]:
+    """Consecutive groups of k cells (seeds stay outermost: the first groups hold the first seed of every cell)."""
+    return [runs[i:i + k] for i in range(0, len(runs), k)]
+
+
+def run_submitit_groups(results: Path, runs: list[Run], args: argparse.Namespace, out=sys.stdout) -> int:
+    """`--runs-per-gpu k`: the pending cells in groups of k, one array task per group (SweepGroupTask)."""
+    todo = [r for r in runs if cell_state(results, r).state not in ("done", "running")]
+    skipped = len(runs) - len(todo)
+    if not todo:
+        print(f"[sweep] nothing to submit: {skipped} of {len(runs)} runs are done or running.", file=out)
+        return 0
+    k = args.runs_per_gpu
+    executor = make_executor(args.backend, results, args)
+    task = SweepGroupTask(str(results), args.threads_per_run, str(REPO),
+                          stop_timeout_s=max(5.0, args.signal_delay * 2 / 3), compact=args.compact, runs_per_gpu=k)
+    groups = groups_of(todo, k)
+    jobs = executor.map_array(task, groups)
+    print(f"[sweep] submitted {len(todo)} run(s) as {len(jobs)} task(s) of up to {k} side by side "
+          f"(--runs-per-gpu {k}, {args.threads_per_run} thread(s) each) as array job {jobs[0].job_id.split('_')[0]} "
+          f"({args.backend}); {skipped} already done or running. Logs: {results / 'submitit'}, {results / 'logs'}.",
+          file=out, flush=True)
+    if args.backend == "slurm" and not args.wait:
+        print(f"[sweep] follow it with: python -m common.benchmark {args.sweep} --results {results} --status",
+              file=out)
+        return 0
+    logging.getLogger("submitit").setLevel(logging.ERROR)
+    start, last, last_print, rc = time.time(), "", 0.0, 0
+    ended: dict[int, float] = {}
+    while len(ended) < len(jobs):
+        for i, job in enumerate(jobs):
+            if i not in ended and job.done():
+                ended[i] = time.time() - start
+        counts = status_counts(results, runs)
+        line = progress_line(counts, time.time() - start, list(ended.values()), args.workers * k)
+        if line.split("| elapsed")[0] != last or time.time() - last_print > 30:
+            print(line, file=out, flush=True)
+            last, last_print = line.split("| elapsed")[0], time.time()
+        if len(ended) < len(jobs):
+            time.sleep(2)
+    for job, group in zip(jobs, groups, strict=True):
+        try:
+            job.result()
+        except Exception as exc:  # submitit wraps the task's exception; one line per failed task
+            rc = 1
+            text = str(exc).strip().splitlines()
+            print(f"[sweep] FAILED task {job.job_id} ({', '.join(r.name for r in group)}): "
+                  f"{text[-1] if text else exc}", file=out)
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# preflight: is every cell's dataset on this machine?
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class DataStatus:
+    """The data of one dataset as the cells would use it. status: "on disk", "generated" (a *-random-v2 stand-in
+    made at first use), "download" (not here, can be fetched: `command`), "missing" (cannot be had here)."""
+
+    env_id: str
+    status: str
+    detail: str
+    runs: list[Run] = field(default_factory=list)
+    command: str = ""
+
+
+def flag_value(flags, name: str, default: str | None = None) -> str | None:
+    """The value of the last `--name V` or `--name=V` in a run's flags (the one the script reads)."""
+    value = default
+    for i, word in enumerate(flags):
+        if word == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif word.startswith(name + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def data_status(env_id: str, results: Path, dataset_path: str | None = None,
+                generate_steps: str | None = None) -> DataStatus:
+    """Where the data of `env_id` would come from, without loading, downloading or generating anything."""
+    from common import datasets as ds
+
+    if dataset_path is not None:
+        path = Path(dataset_path).expanduser()
+        path = path if path.is_absolute() else results / path  # the scripts run in the results folder
+        return (DataStatus(env_id, "on disk", f"--dataset-path {path}") if path.exists() else
+                DataStatus(env_id, "missing", f"--dataset-path {path} does not exist"))
+    try:
+        name = ds._parse(env_id)
+    except ds.DatasetError as err:
+        return DataStatus(env_id, "missing", str(err).split(". Accepted")[0])
+    if name.kind == "toy":
+        return DataStatus(env_id, "on disk", "a toy, built in memory")
+    robotics = "" if not ds._needs_robotics(name.family) or importlib.util.find_spec("gymnasium_robotics") else (
+        "; its env needs gymnasium-robotics, not installed here (pip install -e \".[remote]\")")
+    root, steps = ds._minari_root(), int(generate_steps or ds.DEFAULT_GENERATE_STEPS)
+    if name.minari_id and ds._minari_data_dir(root / name.minari_id):
+        return DataStatus(env_id, "on disk", f"{root / name.minari_id}{robotics}")
+    for file in (ds._d4rl_file_names(name) if name.d4rl else []):
+        if (ds._d4rl_dir() / file).is_file():
+            return DataStatus(env_id, "on disk", f"{ds._d4rl_dir() / file}")
+    generated = ds._generated_id(name, steps)
+    if generated and ds._minari_data_dir(root / generated):
+        return DataStatus(env_id, "on disk", f"{root / generated} (generated here)")
+    fetch = f"python -m common.datasets --download-all --names {env_id}"
+    why = ds._d4rl_download_skip(name, steps)
+    if generated:
+        build = f"python -m common.datasets {env_id}" + (f" --steps {steps}" if generated_size(steps) else "")
+        paper = f"; D4RL's file (the papers' data): {fetch}" if why is None else ""
+        return DataStatus(env_id, "generated", f"generated at first use ({steps} random steps); build it once "
+                                              f"before a parallel sweep: {build}{paper}", command=build)
+    if why is None:
+        return DataStatus(env_id, "download", f"D4RL's file, into {ds._d4rl_dir()}", command=fetch)
+    if name.minari_id:
+        hf = "" if importlib.util.find_spec("huggingface_hub") else " (needs pip install \"minari[hf]\")"
+        return DataStatus(env_id, "download", f"Minari's {name.minari_id}, into {root}{hf}{robotics}",
+                          command=fetch)
+    return DataStatus(env_id, "missing", why)
+
+
+def generated_size(steps: int) -> bool:
+    from common.datasets import DEFAULT_GENERATE_STEPS
+
+    return steps != DEFAULT_GENERATE_STEPS
+
+
+def preflight(results: Path, runs: list[Run]) -> list[DataStatus]:
+    """One DataStatus per dataset of the sweep (per env id, --dataset-path and --generate-steps), with its cells."""
+    found: dict[tuple, DataStatus] = {}
+    for run in runs:
+        key = (run.env_id, flag_value(run.flags, "--dataset-path"), flag_value(run.flags, "--generate-steps"))
+        if key not in found:
+            found[key] = data_status(run.env_id, results, key[1], key[2])
+        found[key].runs.append(run)
+    return list(found.values())
+
+
+def preflight_report(statuses: list[DataStatus]) -> str:
+    from common.datasets import _d4rl_dir, _minari_root
+
+    cells = sum(len(s.runs) for s in statuses)
+    lines = [f"[preflight] the datasets of {cells} cells (D4RL folder {_d4rl_dir()}, Minari cache {_minari_root()}):"]
+    for status in ("on disk", "generated", "download", "missing"):
+        for s in (s for s in statuses if s.status == status):
+            label = {"download": "can download", "missing": "cannot be had"}.get(status, status)
+            lines.append(f"  {label:14s} {s.env_id} ({len(s.runs)} cells): {s.detail}")
+    fetch = [s.env_id for s in statuses if s.status == "download"]
+    if fetch:
+        lines.append(f"  to download them (on a machine with internet, into the same folders): python -m "
+                     f"common.datasets --download-all --names {' '.join(fetch)}")
+    return "\n".join(lines)
+
+
+def cell_names(runs: list[Run]) -> str:
+    """The cells of one dataset, compactly: `hopper-medium-v2__odt__{1,2,3}, hopper-medium-v2__td3__{1,2}`."""
+    seeds: dict[str, list[int]] = {}
+    for run in runs:
+        seeds.setdefault(f"{run.env_id.replace('/', '-')}__{run.variant}", []).append(run.seed)
+    return ", ".join(f"{prefix}__{s[0]}" if len(s) == 1 else f"{prefix}__{{{','.join(map(str, s))}}}"
+                     for prefix, s in seeds.items())
+
+
+def refusal(statuses: list[DataStatus]) -> str:
+    """The one message that lists the cells whose data is missing ("" when there are none)."""
+    bad = [s for s in statuses if s.status in ("download", "missing")]
+    if not bad:
+        return ""
+    total = sum(len(s.runs) for s in statuses)
+    lines = [f"[preflight] refused {sum(len(s.runs) for s in bad)} of {total} cells: their data is not on this "
+             f"machine (the other cells go ahead; --no-preflight skips this check):"]
+    for s in bad:
+        why = "not here, can be downloaded" if s.status == "download" else f"cannot be had: {s.detail}"
+        lines.append(f"  {s.env_id} ({why}): {cell_names(s.runs)}")
+    fetch = [s.env_id for s in bad if s.status == "download"]
+    if fetch:
+        lines.append(f"  download them with: python -m common.datasets --download-all --names {' '.join(fetch)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cost: GPU-hours per table from the figures of `python -m common.bench --cuda`
+# ---------------------------------------------------------------------------------------------------------
+MAX_EP_LEN = {"pen": 100, "hammer": 200, "door": 200, "relocate": 200, "antmaze-umaze": 700,
+              "antmaze-umaze-diverse": 700}  # every other dataset: 1000 (toys: 1)
+# figure name → (common.bench --script, the start of the figure's label, what one count is)
+FIGURES = {
+    "odt update": ("odt", "update step", "update"),
+    "odt_td3 update": ("odt_td3", "one update =", "update"),
+    "dt_grpo update": ("dt_grpo", "GRPO update", "update"),
+    "reinformer_ag update": ("reinformer_ag", "update =", "update"),
+    "rollout env step": ("dt_grpo", "one round's rollouts", "env step"),
+}
+BENCH_LINE = re.compile(r"^(?P<script>\w+)\.py (?P<shape>\w+) \[[^\]]*\] (?P<device>\S+) \d+ threads \| "
+                        r"\[(?P<variant>[^\]]+)\] (?P<label>.+?): median (?P<ms>[\d.]+) ms → (?P<rate>[\d.]+) "
+                        r"(?P<unit>[^,]+?)(?:, (?P<per>[\d.]+) per call)?$")
+
+
+def bench_command(script: str) -> str:
+    return (f"mkdir -p results/bench && python -m common.bench --script {script} --shape paper --cuda "
+            f"--precision auto > results/bench/{script}_paper_cuda.txt")
+
+
+def read_bench_figures(folder: Path) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """GPU figures from saved `python -m common.bench --cuda` outputs (*.txt / *.log in `folder`):
+    (script, label, variant) → (seconds per count, file). Seconds per count: the median time of one call for
+    updates, 1 / rate for env steps. Lines measured on a CPU, or at the small shape, are not GPU figures."""
+    figures: dict[tuple[str, str, str], tuple[float, str]] = {}
+    for path in sorted(folder.glob("*.txt")) + sorted(folder.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            m = BENCH_LINE.match(line.strip())
+            if m and m["device"].startswith("cuda") and m["shape"] == "paper":
+                per_count = 1 / float(m["rate"]) if m["per"] else float(m["ms"]) / 1e3
+                figures[(m["script"], m["label"], m["variant"])] = (per_count, str(path))
+    return figures
+
+
+def _figure(figures, name: str, env_label: str | None, precision: str) -> tuple[float, str] | None:
+    script, start, _ = FIGURES[name] if env_label is None else ("reinformer_ag", env_label, "env step")
+    found = {variant: value for (s, label, variant), value in figures.items() if s == script
+             and label.startswith(start)}
+    for variant in ((precision,) if precision in ("fp32", "bf16") else ("bf16", "fp32")):
+        if variant in found:
+            return found[variant]
+    return None
+
+
+TABLES = ("SPARSE", "ADROIT", "DATASET_DEFAULTS", "COMMON_DEFAULTS", "GRPO_DEFAULTS", "GRPO_COMMON_DEFAULTS",
+          "PRESETS")
+
+
+@functools.cache
+def script_tables(path: str) -> types.SimpleNamespace:
+    """A script's per-dataset tables (DATASET_DEFAULTS, COMMON_DEFAULTS, PRESETS, GRPO_*) and its Args defaults,
+    read from its source without importing it (no torch): each top-level assignment of those names is evaluated
+    in order (they are dict literals and dict() calls), and every literal default of `class Args`."""
+    tree = ast.parse(Path(path).read_text())
+    ns: dict = {"dict": dict}
+    args: dict = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            if isinstance(target, ast.Name) and target.id in TABLES and node.value is not None:
+                ns[target.id] = eval(compile(ast.Expression(node.value), path, "eval"), ns)
+        elif isinstance(node, ast.ClassDef) and node.name == "Args":
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    with contextlib.suppress(ValueError):
+                        args[item.target.id] = ast.literal_eval(item.value)
+    ns.setdefault("GRPO_DEFAULTS", {})
+    return types.SimpleNamespace(Args=args, **{k: v for k, v in ns.items() if k in TABLES})
+
+
+def cell_settings(run: Run) -> dict:
+    """The budget settings a cell's script will use: its flag, else --preset, else the script's Args default,
+    else its per-dataset table (COMMON_DEFAULTS / DATASET_DEFAULTS / GRPO_DEFAULTS, as apply_dataset_defaults)."""
+    from common.datasets import _parse
+
+    module = script_tables(str(REPO / run.script))
+    name = _parse(run.env_id)
+    family = "one-step" if name.kind == "toy" else name.family
+    defaults = module.Args
+    table = {**module.COMMON_DEFAULTS, **module.DATASET_DEFAULTS.get(family, {}),
+             **module.DATASET_DEFAULTS.get(f"{family}-{name.kind}", {})}
+    if hasattr(module, "GRPO_COMMON_DEFAULTS"):
+        table = {**module.GRPO_COMMON_DEFAULTS, **module.GRPO_DEFAULTS.get(family, {}), **table}
+    if Path(run.script).stem == "odt_td3" and name.kind == "random":
+        table.setdefault("min_steps_per_round", 1000)
+    preset = module.PRESETS.get(flag_value(run.flags, "--preset", "paper"), {})
+    out = {}
+    for key in ("pretrain_updates", "online_steps", "updates_per_round", "min_steps_per_round", "eval_interval",
+                "eval_episodes", "group_size", "sub_len", "cont_len", "groups_per_round", "grpo_epochs",
+                "grpo_minibatch", "ag_steps"):
+        typed = flag_value(run.flags, "--" + key.replace("_", "-"))
+        value = typed if typed is not None else preset.get(key, defaults.get(key))
+        out[key] = int(value) if value is not None else table.get(key)
+    out["precision"] = flag_value(run.flags, "--precision", "auto")
+    out["max_ep_len"] = 1 if name.kind == "toy" else MAX_EP_LEN.get(f"{name.family}-{name.kind}",
+                                                                     MAX_EP_LEN.get(name.family, 1000))
+    return out
+
+
+def cell_work(run: Run) -> dict[str, float]:
+    """Counts of one cell: figure name → how many (updates, env steps). Finetuning rounds are counted with
+    full-length episodes (the fewest rounds, as the scripts' own cost estimate); evaluations after pretraining,
+    every eval_interval and at the end, each eval_episodes full-length episodes."""
+    s, stem = cell_settings(run), Path(run.script).stem
+    ep = s["max_ep_len"]
+    if stem == "reinformer_ag":
+        evals = math.ceil(s["pretrain_updates"] / s["eval_interval"])
+        env = evals * s["eval_episodes"] * ep  # RF+AG and plain RF evaluate the same episodes
+        return {"reinformer_ag update": s["pretrain_updates"], f"ag_steps {s['ag_steps']}": env, "ag_steps 0": env}
+    online = s["online_steps"]
+    env = online + (online // s["eval_interval"] + 2) * s["eval_episodes"] * ep
+    if stem == "dt_grpo":
+        per_round = s["groups_per_round"] * s["group_size"] * (s["sub_len"] + s["cont_len"]) + ep
+        members = s["groups_per_round"] * s["group_size"]
+        updates = online / per_round * s["grpo_epochs"] * math.ceil(members / (s["grpo_minibatch"] or members))
+        return {"odt update": s["pretrain_updates"], "dt_grpo update": updates, "rollout env step": env}
+    rounds = online / max(s["min_steps_per_round"] or 0, ep)
+    return {f"{stem} update": s["pretrain_updates"] + rounds * s["updates_per_round"], "rollout env step": env}
+
+
+def cost_report(sweep_path, runs: list[Run], bench_dir: Path, runs_per_gpu: int = 1) -> str:
+    """GPU-hours of the sweep: Σ over cells of counts × the measured GPU seconds per count; names every missing
+    figure with the command that measures it."""
+    figures = read_bench_figures(bench_dir)
+    per_script: dict[str, dict[str, float]] = {}
+    cells: dict[str, int] = {}
+    precision: dict[str, str] = {}
+    for run in runs:
+        work = cell_work(run)
+        acc = per_script.setdefault(run.script, {})
+        for key, n in work.items():
+            acc[key] = acc.get(key, 0.0) + n
+        cells[run.script] = cells.get(run.script, 0) + 1
+        precision[run.script] = cell_settings(run)["precision"]
+    lines = [f"[cost] {sweep_path}: {len(runs)} cells, one GPU each; counts per script from its own tables, with "
+             f"full-length episodes (the fewest finetuning rounds) and evaluation env steps at the rollout rate; GPU "
+             f"figures from {bench_dir}/*.txt ({len(figures)} GPU lines found)"]
+    total, missing = 0.0, {}
+    for script, acc in per_script.items():
+        seconds, parts = 0.0, []
+        for key, n in acc.items():
+            env_label = f"evaluation, 10 Hopper-v5 envs, {key}" if key.startswith("ag_steps") else None
+            name = "reinformer_ag evaluation " + key if env_label else key
+            fig = _figure(figures, key if env_label is None else "rollout env step", env_label, precision[script])
+            unit = "env steps" if env_label or "env step" in key else "updates"
+            if fig is None:
+                bench = "reinformer_ag" if env_label else FIGURES[key][0]
+                missing[name] = bench
+                parts.append(f"{n:.3g} {unit} ({name}: no GPU figure)")
+                seconds = math.nan
+            else:
+                seconds += n * fig[0]
+                parts.append(f"{n:.3g} {unit} × {fig[0] * 1e3:.3g} ms ({name}, {Path(fig[1]).name})")
+        hours = seconds / 3600
+        total += hours
+        per_cell = f"{hours / cells[script]:.3g} GPU-h per cell → {hours:.3g} GPU-h" if not math.isnan(hours) else \
+            "GPU-hours unknown"
+        lines.append(f"  {script}: {cells[script]} cells; in all {'; '.join(parts)}: {per_cell}")
+    if missing:
+        lines.append(f"  GPU-hours: unknown: {len(missing)} GPU figure(s) missing (no GPU was measured for them). "
+                     f"Measure on a GPU node, then re-run with --cost:")
+        for bench in dict.fromkeys(missing.values()):
+            what = ", ".join(n for n, b in missing.items() if b == bench)
+            lines.append(f"    {what}: {bench_command(bench)}")
+        if "rollout env step" in missing:
+            lines.append("    (common.bench has no rollout figure of odt / odt_td3: dt_grpo's rollouts, the same "
+                         "transformer at the same shape, stand in for their env steps)")
+    else:
+        lines.append(f"  GPU-hours: {total:.3g} in all ({len(runs)} cells × {total / len(runs):.3g} h per cell on "
+                     f"average)" + (f"; with --runs-per-gpu {runs_per_gpu} on fewer GPUs, at most {runs_per_gpu}× "
+                                   f"fewer GPU-hours if the GPU is not the bottleneck" if runs_per_gpu > 1 else ""))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m common.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -639,6 +1167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true", help="print how many runs are done / running / failed / ...")
     p.add_argument("--compact", action="store_true",
                    help="delete checkpoint.pt and model.pt of finished runs (keep config, metrics, summary)")
+    p.add_argument("--preflight", action="store_true",
+                   help="print where each dataset of the sweep is (on disk / generated at first use / can be "
+                        "downloaded, with the command / cannot be had) and run nothing")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="submit cells even when their data is not on this machine (e.g. it lives on the nodes only)")
+    p.add_argument("--cost", action="store_true",
+                   help="print the sweep's GPU-hours from the GPU figures of `python -m common.bench --cuda` saved "
+                        "in --bench-dir (and which figure is missing, with the command that measures it)")
+    p.add_argument("--bench-dir", default="results/bench",
+                   help="folder of saved `python -m common.bench ... --cuda` outputs (*.txt) read by --cost")
     s = p.add_argument_group("Slurm (--backend slurm / submitit-local)")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -655,6 +1193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shell line run before each task (e.g. 'source .venv/bin/activate'); repeatable")
     s.add_argument("--slurm-extra", action="append", default=[], help="any sbatch option as KEY=VALUE; repeatable")
     s.add_argument("--wait", action="store_true", help="slurm: stay and print progress until the array finishes")
+    s.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="cells side by side in one array task (each its own script process on the task's GPU; "
+                        "--cpus-per-task defaults to k x --threads-per-run); each cell resumes as alone")
     return p
 
 
@@ -665,9 +1206,26 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads_per_run or (args.cpus_per_task if args.backend != "local" else None) or 1
     if threads < 1 or (args.workers is not None and args.workers < 1):
         raise SweepError("--workers and --threads-per-run must be at least 1.")
+    if args.runs_per_gpu < 1:
+        raise SweepError("--runs-per-gpu must be at least 1.")
+    if args.runs_per_gpu > 1:
+        if args.backend == "local":
+            raise SweepError("--runs-per-gpu is for --backend slurm / submitit-local (k cells per array task); "
+                             "locally, --workers runs cells side by side.")
+        threads = args.threads_per_run or max(1, (args.cpus_per_task or args.runs_per_gpu) // args.runs_per_gpu)
+        args.cpus_per_task = args.cpus_per_task or threads * args.runs_per_gpu
     args.threads_per_run = threads
     args.workers = args.workers or (max(1, (os.cpu_count() or 1) // threads) if args.backend == "local"
                                     else len(sweep.runs))
+    if args.preflight:
+        statuses = preflight(results, sweep.runs)
+        print(preflight_report(statuses))
+        print(refusal(statuses).replace("[preflight] refused", "[preflight] a run now refuses", 1)
+              or "[preflight] every cell's data is here.")
+        return 0
+    if args.cost:
+        print(cost_report(args.sweep, sweep.runs, Path(args.bench_dir), args.runs_per_gpu))
+        return 0
     if args.status or args.dry_run:
         counts, lines = status_table(results, sweep.runs)
         print(f"{sweep.path}: {len(sweep.runs)} runs in {results / 'runs'}"
@@ -685,11 +1243,36 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(line for line in lines if not line.strip().startswith("done")))
         print(" | ".join(f"{counts[s]} {s}" for s in STATES) +
               "   (stopped: checkpoint, will resume; started: no checkpoint, will restart)")
+        if args.dry_run:
+            statuses = preflight(results, sweep.runs)
+            print(preflight_report(statuses))
+            print(refusal(statuses).replace("[preflight] refused", "[preflight] a run now refuses", 1)
+                  or "[preflight] every cell's data is here.")
+            print(cost_report(args.sweep, sweep.runs, Path(args.bench_dir), args.runs_per_gpu))
         return 0
     results.mkdir(parents=True, exist_ok=True)
     copy = results / "sweep.toml"  # the report reads it to group variants into experiments
     if not copy.exists() or copy.read_text() != sweep.path.read_text():
         copy.write_text(sweep.path.read_text())
+    refused = ""
+    if not args.no_preflight:
+        statuses = preflight(results, sweep.runs)
+        refused = refusal(statuses)
+        if refused:
+            print(refused, flush=True)
+            here = {r for s in statuses if s.status in ("on disk", "generated") for r in s.runs}
+            sweep.runs = [r for r in sweep.runs if r in here]
+            if not sweep.runs:
+                print("[preflight] nothing to run.", flush=True)
+                return 2
+    if args.backend == "slurm":
+        print(cost_report(args.sweep, sweep.runs, Path(args.bench_dir), args.runs_per_gpu), flush=True)
+    if refused:
+        rc = (run_local(results, sweep.runs, args.workers, threads, compact=args.compact)
+              if args.backend == "local" else run_submitit(results, sweep.runs, args))
+        print(f"[preflight] {len(load_sweep(args.sweep).runs) - len(sweep.runs)} cells were not run: their data "
+              f"is missing (the list is above). Download what can be and re-issue the command.", flush=True)
+        return rc or 1
     if args.backend == "local":
         return run_local(results, sweep.runs, args.workers, threads, compact=args.compact)
     return run_submitit(results, sweep.runs, args)

@@ -1410,7 +1410,18 @@ def _main(argv: list[str] | None = None) -> int:
                         help=f"with --download-all: these kinds ({', '.join(LOCOMOTION_KINDS)}) for every family")
     parser.add_argument("--families", nargs="+", choices=tuple(LOCOMOTION_ENVS), metavar="FAMILY",
                         help=f"with --download-all: these families ({', '.join(LOCOMOTION_ENVS)})")
+    parser.add_argument("--names", nargs="+", metavar="NAME",
+                        help="with --download-all: exactly these datasets, each from where it can be had: D4RL's "
+                             "locomotion files from D4RL, the AntMaze / Adroit / Maze2d ports from Minari (needs "
+                             "minari[hf]); what is on disk already is skipped (python -m common.benchmark SWEEP "
+                             "--preflight prints this command for a sweep)")
     args = parser.parse_args(argv)
+    if args.names and not args.download_all:
+        parser.error("--names goes with --download-all")
+    if args.download_all and args.names:
+        if args.kinds or args.families:
+            parser.error("--names lists the datasets itself: leave out --kinds and --families")
+        return _download_names(args.names, progress=not args.no_progress)
     if args.download_all:
         return _download_all(args.kinds, args.families, progress=not args.no_progress)
     if args.kinds or args.families:
@@ -1478,6 +1489,54 @@ def _download_all(kinds: list[str] | None, families: list[str] | None, progress:
                     break
             else:
                 status, line = "fetched", f"{path} ({_size(path.stat().st_size)}, {time.time() - t0:.0f} s)"
+        counts[status] += 1
+        print(f"  {status:8s} {env_id}: {line}", flush=True)
+    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 2 if counts["failed"] else 0
+
+
+def _on_disk(name: _Name) -> Path | None:
+    """Where the data of `name` already is on this machine (Minari cache or D4RL folder), or None."""
+    if name.minari_id and _minari_data_dir(_minari_root() / name.minari_id):
+        return _minari_root() / name.minari_id
+    for file in (_d4rl_file_names(name) if name.d4rl else []):
+        if (_d4rl_dir() / file).is_file():
+            return _d4rl_dir() / file
+    return None
+
+
+def _download_names(names: list[str], progress: bool) -> int:
+    """`--download-all --names ...`: each dataset from where it can be had (D4RL's locomotion files from D4RL,
+    the Minari ports from Minari); one line per name (fetched / skipped / failed) and a summary."""
+    counts = {"fetched": 0, "skipped": 0, "failed": 0}
+    for env_id in names:
+        try:
+            name = _parse(env_id)
+        except DatasetError as err:
+            status, line = "failed", str(err).split(". ")[0]
+        else:
+            there = _on_disk(name) if name.kind != "toy" else None
+            why = _d4rl_download_skip(name)
+            if name.kind == "toy":
+                status, line = "skipped", "a toy, built in memory"
+            elif there is not None:
+                status, line = "skipped", f"already there ({there})"
+            elif why is None:
+                t0 = time.time()
+                try:
+                    path = download_d4rl(env_id, progress)
+                except DatasetInterrupted as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    return 130
+                except D4RLDownloadError as err:
+                    status, line = "failed", str(err)
+                else:
+                    status, line = "fetched", f"{path} ({_size(path.stat().st_size)}, {time.time() - t0:.0f} s)"
+            elif name.minari_id:
+                path, failure = _download(name.minari_id)
+                status, line = ("fetched", f"{path} (Minari {name.minari_id})") if path else ("failed", failure)
+            else:
+                status, line = "skipped", f"cannot be downloaded: {why}"
         counts[status] += 1
         print(f"  {status:8s} {env_id}: {line}", flush=True)
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
