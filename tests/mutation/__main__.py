@@ -15,6 +15,11 @@ test fails; the test and the first line of its error are printed, and a kill by 
 mechanism (an import, a name, a key, a shape, or the block-identity test) is flagged as weak and counted apart.
 The unmutated tree is run first over the union of the tests: a failing baseline would make every mutant look
 killed.
+
+Speed: a mutant first runs only the test that killed it last time (KILLERS, a git-ignored cache the harness keeps
+up to date; `--fresh` ignores it), and the whole selection only when that test passes. A run from a warm cache
+therefore costs about one test per mutant, and the score is the same: a mutant counts as killed only by a test
+that fails on it now.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from tests.mutation.catalogue import Mutant
 
 REPO = Path(__file__).resolve().parents[2]
+KILLERS = REPO / ".mutation-killers.json"  # mutant id → the test that killed it last time
 
 # The fast tests that can see a change in a file, when a mutant does not name its own.
 DEFAULT_TESTS = {
@@ -131,7 +137,28 @@ def killer(output: str) -> str:
     return (tail[-1] if tail else "no output")[:220]
 
 
-def run_mutant(m: Mutant, scratch: Path, timeout: float) -> dict:
+def read_killers() -> dict[str, str]:
+    try:
+        return json.loads(KILLERS.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def update_killers(mutant_id: str, node: str | None) -> None:
+    """Record (or forget) one mutant's killing test; merged into the file, written atomically."""
+    cache = read_killers()
+    if node:
+        cache[mutant_id] = node
+    else:
+        cache.pop(mutant_id, None)
+    staging = KILLERS.with_name(f"{KILLERS.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    os.replace(staging, KILLERS)
+
+
+def run_mutant(m: Mutant, scratch: Path, timeout: float, first: str | None = None) -> dict:
+    """Apply the mutant to the scratch copy, run `first` (last time's killer) alone, and the mutant's whole test
+    selection unless that already failed; restore the copy."""
     originals = {}
     try:
         for path, old, new in m.edits:
@@ -139,7 +166,10 @@ def run_mutant(m: Mutant, scratch: Path, timeout: float) -> dict:
             text = file.read_text()
             originals.setdefault(path, text)
             file.write_text(text.replace(old, new, 1))
-        rc, output, seconds = run_pytest(scratch, tests_of(m), timeout)
+        rc, output, seconds = (run_pytest(scratch, [first], timeout) if first else (0, "", 0.0))
+        if rc in (0, 4, 5):  # passed, or the cached test no longer exists: the whole selection decides
+            rc, output, more = run_pytest(scratch, tests_of(m), timeout)
+            seconds += more
     finally:
         for path, text in originals.items():
             (scratch / path).write_text(text)
@@ -164,6 +194,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the catalogue and check its targets, run nothing")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated tree")
     parser.add_argument("--json", type=Path, help="write every outcome to this file")
+    parser.add_argument("--fresh", action="store_true", help="ignore the cache of last time's killing tests")
     args = parser.parse_args()
 
     mutants = load_catalogue()
@@ -202,6 +233,7 @@ def main() -> int:
             todo.put(m)
         results: list[dict] = []
         lock = threading.Lock()
+        cache = {} if args.fresh else read_killers()
 
         def worker(scratch: Path) -> None:
             while True:
@@ -209,9 +241,11 @@ def main() -> int:
                     m = todo.get_nowait()
                 except queue.Empty:
                     return
-                result = run_mutant(m, scratch, args.timeout)
+                result = run_mutant(m, scratch, args.timeout, first=cache.get(m.id))
                 with lock:
                     results.append(result)
+                    node = result["by"].split(" - ")[0].strip()
+                    update_killers(m.id, node if result["status"].startswith("KILLED") and "::" in node else None)
                     note = f" by {result['by']}" if result["by"] else f"  ({m.description})"
                     print(f"[{len(results)}/{len(mutants)}] {result['status']:11s} {m.id} ({result['seconds']} s)"
                           f"{note}", flush=True)
