@@ -267,7 +267,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
         # Unknown family: condition on the expert return (paper App. D).
         table.update(g_eval=data.ref_max_score)
     # No relabeling: the conditional that GRPO improves is the rollout one, so roll out at g_eval.
-    table["g_online"] = table.get("g_eval")
+    table["g_online"] = args.g_eval if args.g_eval is not None else table.get("g_eval")
     table.setdefault("clip_eps", CLIP_EPS[args.ratio])
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
