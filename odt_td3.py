@@ -710,6 +710,7 @@ class DTAgent:
         self.actions[:, t] = action  # the context holds the executed (noisy) action, as the replay does
         return action.cpu().numpy()
 
+    @torch.inference_mode()  # like act(): buffers grown inside act() are inference tensors
     def observe(self, rewards: np.ndarray) -> None:
         r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
         self.rtg[:, self.t + 1] = self.rtg[:, self.t] - (r + self.reward_shift) * self.rtg_scale

@@ -649,6 +649,7 @@ def _read_minari_flat(data_dir: Path, meta: dict, progress: bool) -> dict:
                                f"stores T+1); the dataset is malformed.")
         truncs = np.asarray(truncs, dtype=bool).reshape(-1).copy()
         terms = np.asarray(terms, dtype=bool).reshape(-1)
+        truncs &= ~terms  # a terminal step is never "cut" (as in rollouts and the D4RL reader)
         if not (terms[-1] or truncs[-1]):
             truncs[-1] = True  # cut without a flag (the collection stopped): a truncation
         for key, value in zip(_FLAT_KEYS, (obs, np.asarray(actions, dtype=np.float32).reshape(t, -1), rewards,

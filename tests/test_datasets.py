@@ -217,6 +217,34 @@ def test_generation_small_budget_keeps_whole_long_episodes(caches):
     assert all(e.truncations[-1] and not e.terminals.any() for e in data.episodes)
 
 
+def test_generation_follows_d4rl_s_random_protocol_exactly_to_the_budget(caches, tmp_path):
+    """D4RL's random protocol (module docstring, "Generation"): uniform random actions within the action space,
+    exactly `generate_steps` env steps even when the budget is not a multiple of the number of envs, env i reset
+    first with seed + i (so no two envs replay the same episodes), episodes ended by the env terminal (random
+    Hopper always falls) except the ones still running when the budget was spent: kept, marked truncated, not
+    terminal. The same seed makes the same data."""
+    data = load_dataset("hopper-random-v2", generate_steps=1001, progress=False, seed=5)
+    assert data.num_steps == 1001  # 2 envs in lockstep, the last step taken by one env only
+    ends = [(bool(e.terminals[-1]), bool(e.truncations[-1])) for e in data.episodes]
+    assert ends.count((False, True)) == 2 and ends.count((True, False)) == len(ends) - 2
+    assert all(not e.terminals[:-1].any() and not e.truncations[:-1].any() for e in data.episodes)
+    starts = np.stack([e.observations[0] for e in data.episodes])
+    assert len(np.unique(starts, axis=0)) == len(starts)  # every episode starts from its own reset
+    env = gym.make("Hopper-v5")
+    for seed in (5, 6):
+        first = env.reset(seed=seed)[0].astype(np.float32)
+        assert (np.abs(starts - first).max(axis=1) == 0).sum() == 1, seed
+    env.close()
+    actions = np.concatenate([e.actions for e in data.episodes])
+    assert actions.min() >= -1 and actions.max() <= 1 and abs(actions.mean()) < 0.05 and actions.std() > 0.5
+    other = tmp_path / "again"
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, other)
+        again = load_dataset("hopper-random-v2", generate_steps=1001, progress=False, seed=5)
+    np.testing.assert_array_equal(np.concatenate([e.actions for e in again.episodes]), actions)
+    np.testing.assert_array_equal(np.stack([e.observations[0] for e in again.episodes]), starts)
+
+
 # --- 6. errors -----------------------------------------------------------------------------------------------
 def test_unknown_id_suggests_close_names(caches):
     with pytest.raises(DatasetError, match="hopper-random-v2"):
@@ -339,6 +367,7 @@ def test_vitamin_toy():
     actions = np.array([e.actions[0, 0] for e in data.episodes])
     rewards = np.array([e.rewards[0] for e in data.episodes])
     assert len(data.episodes) == 128 and all(len(e.rewards) == 1 and e.terminals[0] for e in data.episodes)
+    assert not any(e.truncations.any() for e in data.episodes)  # the one step terminates: no bootstrap
     assert ((actions >= -1) & (actions <= -0.95)).sum() == 100 and ((actions >= 0.5) & (actions <= 1)).sum() == 28
     np.testing.assert_allclose(rewards, np.where(actions < 0, (actions + 1) ** 2, 1 - 2 * actions), rtol=1e-5)
     assert rewards.max() <= 0.0025 + 1e-6  # the data sits on the feet, never near the peak r(0) = 1
@@ -514,6 +543,24 @@ def test_actions_at_the_bounds_and_within_the_tolerance_are_accepted(caches, mon
     monkeypatch.setenv("ONLINE_DT_ACTION_TOLERANCE", "lots")
     with pytest.raises(DatasetError, match="ONLINE_DT_ACTION_TOLERANCE must be a non-negative number"):
         load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+
+
+@pytest.mark.parametrize("value, refused", [(1.01, True), (-1.01, True), (1.0009, False), (-1.0009, False)])
+def test_action_tolerance_holds_on_both_sides_and_clips_to_both_bounds(caches, value, refused):
+    """Actions may exceed the action space by at most ACTION_TOLERANCE (1e-3) on EITHER side: beyond it (above
+    the high bound or below the low one) the dataset is refused; within it the value is clipped to that bound."""
+    path = caches / "files" / "one_side.hdf5"
+    n = sum(LENGTHS) + REMAINDER
+    actions = np.zeros((n, 3), np.float32)
+    actions[3, 1] = value
+    write_d4rl(path, actions=actions)
+    if refused:
+        with pytest.raises(DatasetError, match="1 values at 1 of its 12 steps, the first at step 3"):
+            load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+    else:
+        data = load_dataset("hopper-medium-v2", dataset_path=str(path), progress=False)
+        assert data.episodes[0].actions[3, 1] == np.sign(value)
+        assert np.abs(np.concatenate([e.actions for e in data.episodes])).max() == 1.0
 
 
 def test_generated_dataset_failing_its_checks_is_removed(caches, monkeypatch):

@@ -9,8 +9,10 @@ Every test goes through the scripts' own classes and functions (models, replays,
 from __future__ import annotations
 
 import copy
+import json
 import math
 import signal
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -593,3 +595,141 @@ def test_last_block_computing_only_state_rows_changes_nothing(script):
         x = block(x, mask)
     full = model.ln_f(x).reshape(b, k, 3, -1)[:, :, 1]
     assert torch.allclose(model(rtg, states, actions, steps, valid), full, atol=1e-5)
+
+
+# --- shared bookkeeping: seeds, intervals, returns-to-go, one-step defaults (every script's copy) ---------------
+ALL_SCRIPTS = [pytest.param(m, id=m.__name__) for m in (odt, odt_td3, dt_grpo, rf)]
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_evaluation_seeds_are_fixed_distinct_and_per_run(script):
+    """Evaluation resets each of its n episodes with its own fixed seed (the same at every evaluation of a run);
+    another run seed evaluates other episodes; online episodes (DT scripts) never reuse an evaluation seed and
+    differ across rounds and across the episodes of a round (ODT Alg. 1, fixed-seed evaluation of docs/odt.md)."""
+    seeds = script.eval_seeds(1, 10)
+    assert seeds == script.eval_seeds(1, 10) and len(set(seeds)) == 10
+    assert not set(seeds) & set(script.eval_seeds(2, 10))
+    assert script.eval_seeds(1, 3) == seeds[:3]  # the first episodes keep their seeds when n grows
+    if hasattr(script, "online_episode_seed"):
+        online = [script.online_episode_seed(s, r, i) for s in (1, 2) for r in range(40) for i in range(4)]
+        assert len(set(online)) == len(online)
+        assert not set(online) & {x for s in (1, 2) for x in script.eval_seeds(s, 10)}
+        assert script.online_episode_seed(1, 7, 2) == script.online_episode_seed(1, 7, 2)  # the same after a resume
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_interval_fires_once_per_multiple_counted_from_its_start(script):
+    """`Interval(every, start).due(n)`: True once each time n passes a multiple of `every`, the multiples at or
+    below `start` (already done before a resume) excluded."""
+    interval = script.Interval(10, start=0)
+    assert [interval.due(n) for n in (3, 9, 10, 10, 12, 19, 20, 35, 36, 40)] == \
+        [False, False, True, False, False, False, True, True, False, True]
+    resumed = script.Interval(10, start=25)
+    assert [resumed.due(n) for n in (26, 29, 30, 31, 40)] == [False, False, True, False, True]
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_returns_to_go_are_exact_suffix_sums_accumulated_in_float64(script):
+    """R_t = Σ_{t' ≥ t} r_t' (ODT §3), accumulated in float64: float32 sums would lose the 1 next to 1e8."""
+    rewards = np.array([1e8, 1.0, -1e8, 2.0], np.float32)
+    rtg = script.returns_to_go(rewards)
+    assert rtg.dtype == np.float32
+    np.testing.assert_array_equal(rtg, np.array([3.0, -1e8 + 3.0, -1e8 + 2.0, 2.0], np.float32))
+    np.testing.assert_allclose(script.returns_to_go(np.array([0.5, -1.0, 2.0], np.float32)), [1.5, 1.0, 2.0])
+
+
+class OneStepData:
+    def __init__(self, returns, ref_max):
+        self.episodes, self.ref_max_score = [Episode(observations=np.ones((1, 1), np.float32),
+                                                     actions=np.zeros((1, 1), np.float32),
+                                                     rewards=np.array([r], np.float32), terminals=np.ones(1, bool),
+                                                     truncations=np.zeros(1, bool),
+                                                     next_observations=np.ones((1, 1), np.float32))
+                                             for r in returns], ref_max
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_one_step_defaults_scale_every_return_and_the_target_into_unit_range(script):
+    """one_step_defaults: rtg_scale = 1/max(|R| over the data, |target|), the target = the env's max score where it
+    states one, else the best data return; g_eval = g_online = the target."""
+    d = script.one_step_defaults(OneStepData([0.1, 0.5, -0.25], ref_max=2.0))
+    assert d == pytest.approx(dict(rtg_scale=0.5, g_eval=2.0, g_online=2.0))
+    d = script.one_step_defaults(OneStepData([0.1, 0.5, -4.0], ref_max=None))
+    assert d == pytest.approx(dict(rtg_scale=0.25, g_eval=0.5, g_online=0.5))
+
+
+# --- shared run bookkeeping: validation, presets, metrics, RNG state, resumed logs -----------------------------
+def test_validate_args_rejects_each_flag_below_its_minimum_and_accepts_it_at_the_minimum():
+    """Every numeric flag is checked against VALID_MIN before any work (values at the minimum pass), dropout must be
+    in [0, 1) and embed_dim divisible by n_heads."""
+    odt.validate_args(odt.Args(**odt.VALID_MIN, dropout=0.0))
+    for name, low in odt.VALID_MIN.items():
+        below = low - 1 if isinstance(low, int) else low / 2 if low > 0 else -1e-3
+        with pytest.raises(odt.UserError, match=name.replace("_", "-")):
+            odt.validate_args(odt.Args(**{name: below}))
+    for bad in (dict(dropout=1.0), dict(dropout=-0.1), dict(embed_dim=10, n_heads=4)):
+        with pytest.raises(odt.UserError):
+            odt.validate_args(odt.Args(**bad))
+
+
+def test_cpu_preset_changes_only_flags_left_at_their_defaults():
+    """--preset cpu applies PRESETS["cpu"] to every field still at its default; explicit flags win."""
+    args = odt.apply_preset(odt.Args(preset="cpu", batch_size=7), None)
+    assert args.batch_size == 7 and args.embed_dim == odt.PRESETS["cpu"]["embed_dim"]
+    assert args.n_layers == odt.PRESETS["cpu"]["n_layers"] and args.online_steps == odt.PRESETS["cpu"]["online_steps"]
+    assert odt.apply_preset(odt.Args(preset="paper"), None).embed_dim is None
+    typed = odt.apply_preset(odt.Args(preset="cpu", batch_size=256), {"batch_size"})  # typed at its default value
+    assert typed.batch_size == 256 and typed.embed_dim == odt.PRESETS["cpu"]["embed_dim"]
+
+
+def test_stats_meter_rows_are_means_over_the_updates_since_the_last_row():
+    meter = odt.StatsMeter()
+    for value, seconds in ((1.0, 0.5), (3.0, 1.5)):
+        meter.add({"a": torch.tensor(value), "b": torch.tensor(2 * value)}, seconds)
+    assert meter.updates_per_second() == pytest.approx(1.0)
+    assert meter.pop() == pytest.approx({"a": 2.0, "b": 4.0})
+    meter.add({"a": torch.tensor(5.0), "b": torch.tensor(0.0)}, 1.0)
+    assert meter.pop() == pytest.approx({"a": 5.0, "b": 0.0})  # the previous row's updates are gone
+    with pytest.raises(odt.NonFiniteLossError):
+        odt.check_finite({"a": 1.0, "b": float("nan")}, {"updates": 3}, Path("."))
+    odt.check_finite({"a": 1.0}, {"updates": 3}, Path("."))
+
+
+def test_rng_state_round_trip_replays_numpy_torch_and_python_draws():
+    """Checkpoints carry the window generator and the global torch/python RNG: a resumed run draws the same."""
+    import random
+
+    rng = np.random.default_rng(0)
+    state = copy.deepcopy(odt.rng_state(rng))
+    first = (rng.random(3), torch.rand(3), random.random())
+    odt.restore_rng_state(rng, state)
+    second = (rng.random(3), torch.rand(3), random.random())
+    np.testing.assert_array_equal(first[0], second[0])
+    assert torch.equal(first[1], second[1]) and first[2] == second[2]
+
+
+def test_resumed_run_logger_drops_rows_written_after_the_checkpoint(tmp_path):
+    args = odt.Args()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"global_step": s}) + "\n" for s in (1, 5, 9, 12)))
+    logger = odt.RunLogger(tmp_path, args, resume_step=9)
+    logger.log({"global_step": 10})
+    logger.close()
+    steps = [json.loads(line)["global_step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 5, 9, 10]
+
+
+def test_update_puts_the_model_in_training_mode_and_the_agent_in_evaluation_mode():
+    """Dropout is on while training (update() calls model.train() even after an evaluation) and off while acting
+    (the agent calls model.eval()): the same observation gives the same deterministic action twice."""
+    args, model, optimizer, scheduler, log_t, t_opt = odt_setup(dropout=0.5)
+    batch = odt_replay(one_step_episodes(n=16), args.rtg_scale).sample(16, 1, np.random.default_rng(0))
+    model.eval()
+    odt.update(model, optimizer, scheduler, log_t, t_opt, batch, args)
+    assert model.training
+    agent = odt.DTAgent(model, args, ZERO, ONE, 1.0, sample=False, device=CPU, max_ep_len=10)
+    actions = []
+    for _ in range(2):
+        agent.reset(np.ones((1, 1), np.float32))
+        actions.append(agent.act(np.ones((1, 1), np.float32)))
+    assert not model.training
+    np.testing.assert_array_equal(actions[0], actions[1])
