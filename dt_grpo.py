@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields
+from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
 
 
 @dataclass
@@ -1200,12 +1200,15 @@ def validate_args(args: Args) -> None:
 class RunLogger:
     """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None):
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
         if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["global_step"] <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            lines = [line for line in self.path.read_text().splitlines() if line]
+            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
+                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
+            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
+            self.rows = len(rows)
         self.file = self.path.open("a")
         self.wandb = None
         if args.track:
@@ -1218,6 +1221,7 @@ class RunLogger:
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log(row, step=row["global_step"])
 
@@ -1447,7 +1451,8 @@ class Trainer:
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None)
+        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                self.counters.get("metrics_rows"))
         self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
         self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final, self.final_at = {}, -1  # the latest evaluation's metrics and the update it was taken at
@@ -1491,6 +1496,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.counters["wall_time_s"] = time.time() - self.start_time
+        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
         if self.args.save_model:
             save_checkpoint(self.run_dir, self.state_dict())
 
@@ -1712,12 +1718,12 @@ class Trainer:
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
         if args.save_model:
-            torch.save(self.model.state_dict(), run_dir / "model.pt")
+            atomic_save(self.model.state_dict(), run_dir / "model.pt")
         if args.capture_video:
             agent = DTAgent(self.model, args, state_mean=self.data.state_mean, state_std=self.data.state_std,
                             target_return=args.g_eval, sample=False, device=self.device, max_ep_len=self.max_ep_len)
             record_video(self.data.make_env, agent, seed=eval_seeds(args.seed, 1)[0], path=run_dir / "eval.mp4")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
               f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common.datasets import DatasetError, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields
+from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
 
 
 @dataclass
@@ -843,12 +843,15 @@ def validate_args(args: Args) -> None:
 class RunLogger:
     """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None):
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
         if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["global_step"] <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            lines = [line for line in self.path.read_text().splitlines() if line]
+            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
+                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
+            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
+            self.rows = len(rows)
         self.file = self.path.open("a")
         self.wandb = None
         if args.track:
@@ -861,6 +864,7 @@ class RunLogger:
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log(row, step=row["global_step"])
 
@@ -1084,7 +1088,8 @@ class Trainer:
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None)
+        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                self.counters.get("metrics_rows"))
         self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
         self.final, self.final_at = {}, -1  # the latest evaluation in this process, and its update
         self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
@@ -1112,6 +1117,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.counters["wall_time_s"] = time.time() - self.start_time
+        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
         if self.args.save_model:
             save_checkpoint(self.run_dir, self.state_dict())
 
@@ -1174,8 +1180,8 @@ class Trainer:
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
         if self.args.save_model:
-            torch.save({"model": self.model.state_dict(), "critic": self.critic.state_dict()},
-                       self.run_dir / "model.pt")
+            atomic_save({"model": self.model.state_dict(), "critic": self.critic.state_dict()},
+                        self.run_dir / "model.pt")
         if self.args.capture_video:
             space = self.eval_envs.single_action_space
             agent = RFAgent(self.model, self.critic, self.args, state_mean=self.data.state_mean,
@@ -1183,7 +1189,7 @@ class Trainer:
                             low=space.low, high=space.high, ag_steps=self.args.ag_steps, ag_lr=self.args.ag_lr)
             record_video(self.data.make_env, agent, seed=eval_seeds(self.args.seed, 1)[0],
                          path=self.run_dir / "eval.mp4")
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         print(f"final: RF return {final['eval_rf/return_mean']:.3g} (normalized "
               f"{final['eval_rf/normalized_score_mean']:.3g}), RF+AG return {final['eval/return_mean']:.3g} ± "
@@ -1244,7 +1250,7 @@ def evaluate_only(args: Args) -> dict:
               f"Q gain {row.get('ag_q_gain', 0.0):.4f}, steps/s {row['env_steps_per_second']:.0f}")
     logger.close()
     summary = {"run_dir": str(run_dir), "evaluated": str(model_path), "env_id": args.env_id, "rows": rows}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -244,7 +244,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not reaped yet: its runner was killed) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def cell_state(results: Path, run: Run) -> CellState:
@@ -474,6 +477,11 @@ def run_local(results: Path, runs: list[Run], workers: int, threads: int, python
               f"{results / 'logs'}; re-issuing the command retries them (resuming from their checkpoints).",
               file=out, flush=True)
         return 1
+    unfinished = [r for r in runs if cell_state(results, r).state != "done"]
+    if unfinished:  # running in another process: not complete yet
+        print(f"[sweep] not complete: {len(unfinished)} run(s) still running elsewhere: "
+              f"{', '.join(r.name for r in unfinished)}. Re-issue the command once they end.", file=out, flush=True)
+        return STOPPED_EXIT
     print(f"[sweep] complete: {len(runs)} runs in {results / 'runs'}. Report: python -m common.report {results}",
           file=out, flush=True)
     return 0

@@ -62,3 +62,15 @@ def checkpoint_write_failure(run_dir: Path, exc: OSError, script: str) -> str:
             f"`{resume_command(script, run_dir)}`" if previous.is_file() else
             "There was no earlier checkpoint: free space and start the run again")
     return f"Could not write the checkpoint to {run_dir} ({exc.strerror or exc}). Training stopped. {kept}."
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a staging file and an atomic rename: a kill mid-write leaves the old file (or
+    none), never a half-written one that a sweep would take for a finished run's summary."""
+    staging = path.with_name(path.name + ".tmp")
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
