@@ -278,7 +278,9 @@ def test_two_runners_on_one_sweep_folder_run_every_cell_exactly_once(tmp_path):
     res = tmp_path / "res"
     first, second = (runner(str(sweep), "--results", str(res), "--workers", "1") for _ in range(2))
     outs = [p.communicate(timeout=240)[0] for p in (first, second)]
-    assert first.returncode == 0 and second.returncode == 0, outs
+    # A runner whose last cell finished while the other runner's was still going says so (exit 3), else 0.
+    assert all(p.returncode == 0 or (p.returncode == 3 and "still running elsewhere" in o)
+               for p, o in zip((first, second), outs, strict=True)), outs
     names = [r.name for r in load_sweep(sweep).runs]
     assert launches(res) == {n: 1 for n in names}
     assert [cell_state(res, r).state for r in load_sweep(sweep).runs] == ["done"] * 2
@@ -427,7 +429,11 @@ def test_real_slurm_groups_of_cells_beside_a_local_runner_run_each_cell_once(tmp
     time.sleep(1.0)
     local = runner(str(sweep), "--results", str(res), "--workers", "1")
     outs = [p.communicate(timeout=240)[0] for p in (slurm, local)]
-    assert slurm.returncode == 0 and local.returncode == 0, outs
+    # The local runner is done when every cell is; a cell still running in the Slurm task makes it say so (exit 3).
+    assert slurm.returncode == 0 and (local.returncode == 0 or (
+        local.returncode == 3 and "still running elsewhere" in outs[1])), outs
     assert "submitted 2 run(s) as 1 task(s) of up to 2 side by side" in outs[0], outs[0]
     assert launches(res) == {f"toy-vitamin-v0__odt__{s}": 1 for s in (1, 2)}
     assert all(cell_state(res, r).state == "done" for r in load_sweep(sweep).runs)
+    again = runner(str(sweep), "--results", str(res), "--workers", "1")
+    assert again.communicate(timeout=120)[0].count("complete") and again.returncode == 0
