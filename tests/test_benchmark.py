@@ -253,7 +253,7 @@ def test_submitit_local_preemption_requeues_and_resumes(tmp_path):
     """USR2 to the task (what Slurm sends before a time limit or on preemption) → the task SIGTERMs the script,
     which checkpoints and exits 3 → submitit requeues the task → it continues the run with --resume."""
     pytest.importorskip("submitit")
-    sweep = write_sweep(tmp_path / "one.toml", LONGER.replace("PRE", "100"))
+    sweep = write_sweep(tmp_path / "one.toml", LONGER.replace("PRE", "600"))  # long enough that USR2 lands mid-run
     res = tmp_path / "res"
     proc = subprocess.Popen([sys.executable, "-m", "common.benchmark", str(sweep), "--results", str(res),
                              "--backend", "submitit-local", "--time", "60"], cwd=REPO, env=sweep_env(),
@@ -270,7 +270,7 @@ def test_submitit_local_preemption_requeues_and_resumes(tmp_path):
     assert proc.returncode == 0, out
     (folder,) = (res / "runs").iterdir()
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["counters"]["updates"] == 100 + 6 * 5
+    assert summary["counters"]["updates"] == 600 + 6 * 5
     task_log = "".join(p.read_text() for p in (res / "submitit").glob("*_log.out"))
     assert "this job is preempted" in "".join(p.read_text() for p in (res / "submitit").glob("*_log.err"))
     assert "script stopped" in task_log and "(exit 3)" in task_log, task_log
