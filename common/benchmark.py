@@ -497,6 +497,20 @@ def compact_run(folder: Path | None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Slurm backend (submitit)
 # ---------------------------------------------------------------------------------------------------------
+def wait_or_kill(proc: subprocess.Popen, deadline: float) -> None:
+    """Wait for a script that was sent SIGTERM to exit (it checkpoints first); SIGKILL it past `deadline` (its last
+    periodic checkpoint is still there to resume from). waitid(WNOWAIT) peeks without reaping, so it cannot race
+    with the poll() loop of the task that launched it."""
+    try:
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.time() > deadline:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 class SweepTask:
     """What one array task runs: decide the cell's state, start the script (fresh or `--resume`), wait.
     On USR2 (Slurm's warning before the time limit, or a preemption notice) submitit calls `checkpoint`, which
@@ -549,17 +563,9 @@ class SweepTask:
         if proc is not None:
             print(f"[task] {run.name}: preempted or timing out; stopping the script so it checkpoints", flush=True)
             t0 = time.time()
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
-                deadline = t0 + self.stop_timeout_s
-                # waitid(WNOWAIT) peeks without reaping, so it cannot race with the poll() loop in __call__
-                while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    if time.time() > deadline:  # the last periodic checkpoint is still there to resume from
-                        os.kill(proc.pid, signal.SIGKILL)
-                        break
-                    time.sleep(0.2)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            wait_or_kill(proc, t0 + self.stop_timeout_s)
             _marker(Path(self.results), run, "running").unlink(missing_ok=True)
             release(Path(self.results), run)
             code = proc.poll()
@@ -787,14 +793,7 @@ class SweepGroupTask(SweepTask):
                 os.kill(proc.pid, signal.SIGTERM)
         deadline = t0 + self.stop_timeout_s
         for run, proc in active.items():
-            try:
-                while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    if time.time() > deadline:  # the last periodic checkpoint is still there to resume from
-                        os.kill(proc.pid, signal.SIGKILL)
-                        break
-                    time.sleep(0.2)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            wait_or_kill(proc, deadline)
             _marker(Path(self.results), run, "running").unlink(missing_ok=True)
             release(Path(self.results), run)
             print(f"[task] {run.name}: script stopped {time.time() - t0:.1f} s after SIGTERM (exit {proc.poll()}); "

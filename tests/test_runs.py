@@ -289,3 +289,21 @@ def test_capture_video_without_imageio_ffmpeg_fails_before_any_work(tmp_path, da
                         env={**data_env, "PYTHONPATH": f"{shadow}{os.pathsep}{REPO}"})
     assert_clear_error(result, "pip install -e '.[video]'")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_keeps_exactly_the_rows_its_checkpoint_counted(script, tmp_path):
+    """A row logged after a checkpoint at the same update (the evaluation after pretraining, the final row) is
+    dropped on resume: the checkpoint's row count decides, not the step; the logger keeps counting from there."""
+    import importlib
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    rows = [{"global_step": s, "i": i} for i, s in enumerate((1, 5, 9, 9, 9))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"global_st')  # cut line
+    logger = module.RunLogger(tmp_path, module.Args(), resume_step=9, resume_rows=3)
+    assert logger.rows == 3
+    logger.log({"global_step": 10})
+    logger.close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("i") for r in kept] == [0, 1, 2, None] and logger.rows == 4
+    assert not list(tmp_path.glob("*.tmp"))
