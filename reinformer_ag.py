@@ -33,11 +33,7 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +43,33 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
-from common.datasets import DatasetError, OfflineData, load_dataset
+from common.datasets import OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
+from common.run import (
+    Interval,
+    RunLogger,
+    StatsMeter,
+    StopFlag,
+    UserError,
+    apply_preset,
+    atomic_save,
+    check_finite,
+    cli,
+    mark_stopped,
+    pick_device,
+    prepare_run,
+    print_cost_estimate,
+    record_video,
+    resolve_precision,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    start_run_folder,
+    validate_args,
+    write_atomic,
+)
 
 
 @dataclass
@@ -756,271 +773,12 @@ def eval_seeds(seed: int, n: int) -> list[int]:
     return [10_000 + seed * 1000 + i for i in range(n)]
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-class NonFiniteLossError(UserError):
-    pass
-
-
-class RunFinished(Exception):
-    """--resume of a run that has already finished: nothing to do."""
-
-
-EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def apply_preset(args: Args, typed: set[str] | None) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
-    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
-    if args.preset == "paper":
-        return args
-    if typed is None:
-        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
-    for key, value in changed.items():
-        setattr(args, key, value)
-    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    return args
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
-    writable: a probe file is created and removed, which also catches read-only file systems."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
-                        f"or make {existing} writable.") from None
-
-
-def check_video_support() -> None:
-    """--capture-video needs imageio and imageio-ffmpeg: checked before any work, not after training."""
-    try:
-        import imageio.v2  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"--capture-video needs imageio and imageio-ffmpeg ({exc}). Install them with "
-                        "pip install -e '.[video]', or run without --capture-video.") from None
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders off-screen through EGL
-
-
-def validate_args(args: Args) -> None:
-    """Budgets and sizes, checked before the dataset is loaded."""
-    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
-                and getattr(args, name) < low}
-    if at_least:
-        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
-                                                     for k, v in at_least.items()) + ".")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
-    if args.embed_dim is not None and args.embed_dim % args.n_heads:
-        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
-                        f"({args.n_heads}).")
-    if args.capture_video:
-        check_video_support()
-
-
-class RunLogger:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
-        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            lines = [line for line in self.path.read_text().splitlines() if line]
-            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
-                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
-            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
-            self.rows = len(rows)
-        self.file = self.path.open("a")
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
-                                    dir=str(run_dir))
-
-    def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.rows += 1
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["global_step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
-    script = Path(__file__).name
-    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
-        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        check_writable(run_dir, "the run folder")
-        return args, run_dir, None
-    run_dir = Path(args.resume)
-    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file():
-        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
-                        f"(runs/<env>__<exp>__<seed>__<time>/).")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != script:
-        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
-                        f"not {script}. Resume it with that script.")
-    if (run_dir / "summary.json").is_file():
-        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
-                          f"Start a new run to train again.")
-    check_writable(run_dir, "checkpoints and metrics")
-    if not ckpt_path.is_file():
-        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
-                        f"or was started with --no-save-model). Start a new run instead.")
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
-    saved.resume, saved.progress = args.resume, args.progress
-    (run_dir / "STOPPED").unlink(missing_ok=True)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
-    return saved, run_dir, checkpoint
-
-
-def start_run_folder(run_dir: Path, config: dict) -> None:
-    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
-    if not (run_dir / "config.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def mark_stopped(run_dir: Path, counters: dict) -> None:
-    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
-    command = resume_command(sys.argv[0], run_dir)
-    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
-                                     f"continue with:\n  {command}\n")
-    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Atomic (staging file + rename): a crash or a full disk never leaves a half-written checkpoint."""
-    try:
-        atomic_save(state, run_dir / "checkpoint.pt")
-    except OSError as exc:  # e.g. ENOSPC: stop with one message, the last checkpoint still resumes
-        raise UserError(checkpoint_write_failure(run_dir, exc, sys.argv[0])) from None
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-
-class StatsMeter:
-    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
-    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
-
-    def __init__(self):
-        self.keys: list[str] = []
-        self.sum: torch.Tensor | None = None
-        self.n, self.seconds = 0, 0.0
-
-    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
-        self.keys = list(stats)
-        vec = torch.stack([stats[k].float() for k in self.keys])
-        self.sum = vec if self.sum is None else self.sum + vec
-        self.n, self.seconds = self.n + 1, self.seconds + seconds
-
-    def updates_per_second(self) -> float:
-        return self.n / max(self.seconds, 1e-9)
-
-    def pop(self) -> dict[str, float]:
-        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
-        self.sum, self.n, self.seconds = None, 0, 0.0
-        return means
-
-    def state_dict(self) -> dict:
-        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
-
-
-def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
-    """What the whole run costs on this device at this size, from the time of the first few updates."""
-    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
-        f"{n * seconds_per_update / 60:.3g} min"
-    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
-           f"{hours(args.pretrain_updates)}"
-    if online_updates:
-        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
-    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
-        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
-    print(text + ".")
-
-
-def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
-    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    if bad:
-        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
-                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
-                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
-                "with a lower --learning-rate or --grad-clip")
-        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
-                                 f"Training stopped: {kept}.")
-
-
 # Training: set-up, the run state and its offline phase (AG Alg. 1); --eval-only
 def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
-    validate_args(args)
-    args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args, typed) if checkpoint is None and args.eval_only is None else args
+    validate_args(args, VALID_MIN)
+    args, run_dir, checkpoint = prepare_run(args, Path(__file__).name)
+    args = apply_preset(args, typed, PRESETS) if checkpoint is None and args.eval_only is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1030,7 +788,7 @@ def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    validate_args(args)
+    validate_args(args, VALID_MIN)
     start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
                                "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
     print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
@@ -1048,19 +806,6 @@ def make_model(args: Args, data: OfflineData, device: torch.device, max_ep_len: 
     return Reinformer(data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers,
                       n_heads=args.n_heads, dropout=args.dropout, max_ep_len=max_ep_len,
                       separate=args.separate_networks, precision=args.precision).to(device)
-
-
-class Interval:
-    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
-
-    def __init__(self, every: int, start: int):
-        self.every, self.last = every, start // every
-
-    def due(self, n: int) -> bool:
-        if n // self.every <= self.last:
-            return False
-        self.last = n // self.every
-        return True
 
 
 class Trainer:
@@ -1264,37 +1009,5 @@ def main(args: Args, typed: set[str] | None = None) -> dict:
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
-def record_video(make_env, agent, seed: int, path: Path) -> None:
-    """--capture-video: one deterministic evaluation episode as an mp4. Headless MuJoCo renders through EGL
-    (check_video_support); a rendering failure only warns, the trained model is saved already."""
-    try:
-        import imageio.v2 as imageio
-
-        env = make_env(render_mode="rgb_array")
-        obs, _ = env.reset(seed=seed)
-        agent.reset(obs[None].astype(np.float32))
-        frames, done = [env.render()], False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
-            agent.observe(np.array([reward], dtype=np.float32))
-            frames.append(env.render())
-            done = terminated or truncated
-        imageio.mimsave(path, frames, fps=30)
-        print(f"video of one evaluation episode ({len(frames)} frames): {path}")
-    except Exception as exc:  # e.g. no GL backend: MUJOCO_GL=egl needs libEGL, MUJOCO_GL=osmesa libOSMesa
-        print(f"warning: --capture-video failed ({exc}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    try:
-        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
-    except (UserError, DatasetError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFinished as done:
-        print(done)
-        sys.exit(0)
-    except KeyboardInterrupt:
-        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
+    cli(main, Args)

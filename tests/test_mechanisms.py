@@ -23,6 +23,7 @@ import dt_grpo
 import odt
 import odt_td3
 import reinformer_ag as rf
+from common import run
 from common.datasets import Episode
 from common.evaluation import make_vector_env, rollout
 from common.toys import vitamin_reward
@@ -662,23 +663,23 @@ def test_one_step_defaults_scale_every_return_and_the_target_into_unit_range(scr
 def test_validate_args_rejects_each_flag_below_its_minimum_and_accepts_it_at_the_minimum():
     """Every numeric flag is checked against VALID_MIN before any work (values at the minimum pass), dropout must be
     in [0, 1) and embed_dim divisible by n_heads."""
-    odt.validate_args(odt.Args(**odt.VALID_MIN, dropout=0.0))
+    odt.validate_args(odt.Args(**odt.VALID_MIN, dropout=0.0), odt.VALID_MIN)
     for name, low in odt.VALID_MIN.items():
         below = low - 1 if isinstance(low, int) else low / 2 if low > 0 else -1e-3
         with pytest.raises(odt.UserError, match=name.replace("_", "-")):
-            odt.validate_args(odt.Args(**{name: below}))
+            odt.validate_args(odt.Args(**{name: below}), odt.VALID_MIN)
     for bad in (dict(dropout=1.0), dict(dropout=-0.1), dict(embed_dim=10, n_heads=4)):
         with pytest.raises(odt.UserError):
-            odt.validate_args(odt.Args(**bad))
+            odt.validate_args(odt.Args(**bad), odt.VALID_MIN)
 
 
 def test_cpu_preset_changes_only_flags_left_at_their_defaults():
     """--preset cpu applies PRESETS["cpu"] to every field still at its default; explicit flags win."""
-    args = odt.apply_preset(odt.Args(preset="cpu", batch_size=7), None)
+    args = odt.apply_preset(odt.Args(preset="cpu", batch_size=7), None, odt.PRESETS)
     assert args.batch_size == 7 and args.embed_dim == odt.PRESETS["cpu"]["embed_dim"]
     assert args.n_layers == odt.PRESETS["cpu"]["n_layers"] and args.online_steps == odt.PRESETS["cpu"]["online_steps"]
-    assert odt.apply_preset(odt.Args(preset="paper"), None).embed_dim is None
-    typed = odt.apply_preset(odt.Args(preset="cpu", batch_size=256), {"batch_size"})  # typed at its default value
+    assert odt.apply_preset(odt.Args(preset="paper"), None, odt.PRESETS).embed_dim is None
+    typed = odt.apply_preset(odt.Args(preset="cpu", batch_size=256), {"batch_size"}, odt.PRESETS)  # typed at default
     assert typed.batch_size == 256 and typed.embed_dim == odt.PRESETS["cpu"]["embed_dim"]
 
 
@@ -690,7 +691,7 @@ def test_stats_meter_rows_are_means_over_the_updates_since_the_last_row():
     assert meter.pop() == pytest.approx({"a": 2.0, "b": 4.0})
     meter.add({"a": torch.tensor(5.0), "b": torch.tensor(0.0)}, 1.0)
     assert meter.pop() == pytest.approx({"a": 5.0, "b": 0.0})  # the previous row's updates are gone
-    with pytest.raises(odt.NonFiniteLossError):
+    with pytest.raises(run.NonFiniteLossError):
         odt.check_finite({"a": 1.0, "b": float("nan")}, {"updates": 3}, Path("."))
     odt.check_finite({"a": 1.0}, {"updates": 3}, Path("."))
 

@@ -762,11 +762,11 @@ def test_heads_and_init(separate):
 def test_flag_ranges_allow_plain_rf_and_reject_negative_ag():
     """--ag-steps 0 is plain Reinformer (allowed), as are γ = 0 and ρ = 0; negative n or η, zero critic updates or
     batch sizes are refused before any work."""
-    rf.validate_args(rf.Args(ag_steps=0, ag_lr=0.0, gamma=0.0, polyak=0.0, critic_updates=1))
+    rf.validate_args(rf.Args(ag_steps=0, ag_lr=0.0, gamma=0.0, polyak=0.0, critic_updates=1), rf.VALID_MIN)
     for bad in (dict(ag_steps=-1), dict(ag_lr=-0.1), dict(critic_updates=0), dict(critic_batch_size=0),
                 dict(critic_hidden=0)):
         with pytest.raises(rf.UserError):
-            rf.validate_args(rf.Args(**bad))
+            rf.validate_args(rf.Args(**bad), rf.VALID_MIN)
     data = FakeData([make_episode([1.0, 2.0])])
     for bad in (dict(ag_steps=-1), dict(ag_lr=-0.1)):
         with pytest.raises(rf.UserError, match="--ag-steps and --ag-lr"):

@@ -189,12 +189,12 @@ def test_typed_flags_win_over_the_preset_even_at_their_default_value(script):
             "--batch-size=256"]
     defaults = module.Args()
     assert defaults.n_layers == 4 and module.PRESETS["cpu"]["n_layers"] != 4  # the case the old rule lost
-    args = module.apply_preset(tyro.cli(module.Args, args=argv), typed_fields(argv, module.Args))
+    args = module.apply_preset(tyro.cli(module.Args, args=argv), typed_fields(argv, module.Args), module.PRESETS)
     assert (args.n_layers, args.eval_interval, args.batch_size) == (4, 10000, 256)
     untyped = {k: v for k, v in module.PRESETS["cpu"].items() if k not in ("n_layers", "eval_interval", "batch_size")}
     assert untyped and all(getattr(args, k) == v for k, v in untyped.items())
     # From Python (no command line), a field away from its default counts as set.
-    args = module.apply_preset(module.Args(env_id="hopper-random-v2", preset="cpu", batch_size=7), None)
+    args = module.apply_preset(module.Args(env_id="hopper-random-v2", preset="cpu", batch_size=7), None, module.PRESETS)
     assert args.batch_size == 7 and args.n_layers == module.PRESETS["cpu"]["n_layers"]
 
 

@@ -1,22 +1,22 @@
 """Mutants of the run plumbing and evidence tools added in the 2026-12-06 round: presets and typed flags, the
 resume row count, device and resume messages, toy families, the report's statistics."""
 
-from tests.mutation.catalogue import everywhere, mutant
+from tests.mutation.catalogue import mutant
 
 SCRIPTS = ["odt.py", "odt_td3.py", "dt_grpo.py", "reinformer_ag.py"]
 RUNS = ["tests/test_runs.py"]
 
 MUTANTS = [
     mutant("run/preset-overrides-typed-flags", "--preset cpu replaces flags the user typed",
-           *everywhere(SCRIPTS, "changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}",
-                       "changed = {k: v for k, v in PRESETS[args.preset].items()}"), tests=RUNS),
+           ("common/run.py", "changed = {k: v for k, v in presets[args.preset].items() if k not in typed}",
+            "changed = {k: v for k, v in presets[args.preset].items()}"), tests=RUNS),
     mutant("run/typed-fields-no-prefix", "--no-progress is not counted as a typed flag",
            ("common/run.py", 'elif name.startswith("no_") and name[3:] in names:', "elif False:"), tests=RUNS),
     mutant("run/resume-rows-ignored", "a resume keeps every row up to the checkpoint's step, duplicating rows",
-           *everywhere(SCRIPTS, "rows = (lines[:resume_rows] if resume_rows is not None",
-                       "rows = (lines if resume_rows is not None"), tests=RUNS),
+           ("common/run.py", "rows = (lines[:resume_rows] if resume_rows is not None",
+            "rows = (lines if resume_rows is not None"), tests=RUNS),
     mutant("run/logger-does-not-count", "the logger does not count the rows it writes",
-           *everywhere(SCRIPTS, "        self.file.flush()\n        self.rows += 1\n", "        self.file.flush()\n"),
+           ("common/run.py", "        self.file.flush()\n        self.rows += 1\n", "        self.file.flush()\n"),
            tests=RUNS),
     mutant("run/resume-command-script-name", "the resume command assumes the repository root",
            ("common/run.py", "os.path.relpath(Path(script).resolve())", "Path(script).name"), tests=RUNS),
