@@ -27,8 +27,6 @@ Details and measurements: docs/odt.md
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import random
 import time
@@ -40,33 +38,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from common import run
 from common.datasets import Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env, rollout
-from common.run import (
-    Interval,
-    RunLogger,
-    StatsMeter,
-    StopFlag,
-    UserError,
-    apply_preset,
-    atomic_save,
-    check_finite,
-    cli,
-    mark_stopped,
-    pick_device,
-    prepare_run,
-    print_cost_estimate,
-    record_video,
-    resolve_precision,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-    start_run_folder,
-    validate_args,
-    write_atomic,
-)
 
 
 @dataclass
@@ -97,11 +72,11 @@ class Args:
     generate_steps: int = 1_000_000
     """size of a locally generated *-random-v2 dataset (env steps)"""
     pretrain_updates: int | None = None
-    """offline gradient updates before finetuning (None: per-dataset default, Table C.4)"""
+    """offline gradient updates before finetuning (None: Table C.4, 5000; 10000 walker2d/ant, 7000 AntMaze)"""
     online_steps: int = 200_000
     """online environment steps of finetuning (paper Table 5.1: 200k)"""
     updates_per_round: int = 300
-    """gradient updates after each online rollout (Table C.3)"""
+    """gradient updates after each online rollout (Table C.3: 300)"""
     min_steps_per_round: int | None = None
     """collect episodes until at least this many new env steps per round (None: one episode, Alg. 1)"""
     eval_interval: int = 10_000
@@ -125,47 +100,47 @@ class Args:
 
     # Algorithm specific arguments
     embed_dim: int | None = None
-    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    """transformer width (None: Table C.3, 512; 1024 for antmaze-umaze-diverse)"""
     n_layers: int = 4
-    """transformer blocks"""
+    """transformer blocks (Table C.3: 4)"""
     n_heads: int = 4
-    """attention heads"""
+    """attention heads (Table C.3: 4)"""
     dropout: float = 0.1
-    """dropout in embeddings, attention and MLP"""
+    """dropout in embeddings, attention and MLP (Table C.3: 0.1)"""
     context_len: int | None = None
-    """training context length K (None: per-dataset default, 20)"""
+    """training context length K (None: Table C.3, 20)"""
     eval_context_len: int | None = None
-    """context length for evaluation and online rollouts (None: per-dataset default, Table C.4)"""
+    """context length for evaluation and online rollouts (None: Table C.4, 5; 1 ant)"""
     batch_size: int = 256
-    """windows per gradient update"""
+    """windows per gradient update (Table C.3: 256)"""
     learning_rate: float | None = None
-    """LAMB learning rate (None: per-dataset default, Table C.4)"""
+    """LAMB learning rate (None: Table C.4, 1e-4; 2e-3 hopper-m-r, 1e-3 walker2d/AntMaze, 1.5e-3 ant-medium)"""
     weight_decay: float | None = None
-    """LAMB weight decay (None: per-dataset default, Table C.4)"""
+    """LAMB weight decay (None: Table C.4, 5e-4; 1e-4 hopper-m-r/ant-medium, 1e-3 walker2d, 0 AntMaze)"""
     warmup_steps: int = 10_000
-    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning"""
+    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning (Table C.3: 10^4)"""
     grad_clip: float = 0.25
-    """global gradient-norm clip"""
+    """global gradient-norm clip (Table C.3: 0.25)"""
     init_temperature: float = 0.1
-    """initial entropy temperature λ (log λ is learned)"""
+    """initial entropy temperature λ (log λ is learned; 0.1 as in the reference code)"""
     temperature_lr: float = 1e-4
-    """Adam learning rate of log λ"""
+    """Adam learning rate of log λ (1e-4 as in the reference code)"""
     target_entropy: float | None = None
-    """entropy lower bound β (None: −dim(A))"""
+    """entropy lower bound β (None: −dim(A), Table C.3)"""
     buffer_size: int | None = None
-    """replay capacity in trajectories (None: per-dataset default, 1000 Gym / 1500 AntMaze)"""
+    """replay capacity in trajectories (None: Table C.4, 1000; 1500 AntMaze)"""
     rtg_scale: float | None = None
-    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze, as in the reference code)"""
     g_eval: float | None = None
-    """target return for evaluation (None: per-dataset default, Table C.4)"""
+    """target return for evaluation (None: Table C.4, 3600 hopper, 5000 walker2d, 6000 halfcheetah/ant, 1 AntMaze)"""
     g_online: float | None = None
-    """target return for exploration rollouts (None: per-dataset default, Table C.4)"""
+    """target return for exploration rollouts (None: Table C.4, 2 × g_eval)"""
     use_timestep_embedding: bool | None = None
-    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, Table C.4)"""
+    """learned absolute timestep embedding (None: Table C.4 "position", off for Gym, on for AntMaze)"""
 
 
-# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT paper Table C.4
-# (finetuning); datasets the paper does not list use their family's medium row.
+# Per-dataset defaults: ODT paper Table C.4 (finetuning), one row per family (its -medium row) and the rows that
+# differ ("<family>-<kind>" overrides "<family>"); datasets the paper does not list use their family's row.
 DATASET_DEFAULTS: dict[str, dict] = {
     "hopper": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=3600, g_online=7200),
     "hopper-medium-replay": dict(learning_rate=2e-3, weight_decay=1e-4),
@@ -223,15 +198,11 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
     for key, value in filled.items():
         setattr(args, key, value)
-    if filled:  # nothing to fill on --resume: the run's config.json holds every value
-        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                          for k, v in filled.items()))
-    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
-               and getattr(args, f.name) is None]
+    run.print_defaults(data, filled)
+    missing = [name for name in ("g_eval", "g_online") if getattr(args, name) is None]
     if missing:
-        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
-                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+        raise run.UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
+                            f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
     return args
 
 
@@ -540,10 +511,8 @@ class TrajectoryReplay:
         idx = torch.as_tensor(idx, device=self.device)
         valid = torch.as_tensor(valid, device=self.device)
         batch = {k: v[idx] for k, v in self._flat.items()}
-        batch["states"] = batch["states"] * valid.unsqueeze(-1)  # padded steps are zeros
-        batch["actions"] = batch["actions"] * valid.unsqueeze(-1)
-        batch["rtg"] = batch["rtg"] * valid
-        batch["timesteps"] = batch["timesteps"] * valid
+        for key, value in batch.items():  # padded steps are zeros
+            batch[key] = value * (valid.unsqueeze(-1) if value.dim() == 3 else valid)
         batch["valid"] = valid
         return batch
 
@@ -644,28 +613,25 @@ def online_episode_seed(seed: int, round_: int, index: int = 0) -> int:
 # Training: set-up, the run state and its two phases (Alg. 1)
 def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
-    validate_args(args, VALID_MIN)
-    args, run_dir, checkpoint = prepare_run(args, Path(__file__).name)
-    args = apply_preset(args, typed, PRESETS) if checkpoint is None else args
+    run.validate_args(args, VALID_MIN)
+    args, run_dir, checkpoint = run.prepare_run(args, Path(__file__).name)
+    args = run.apply_preset(args, typed, PRESETS) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = pick_device(args.cuda, typed)
-    args.precision = resolve_precision(args.precision, device)
+    device = run.pick_device(args.cuda, typed)
+    args.precision = run.resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    validate_args(args, VALID_MIN)
-    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
-    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device} ({args.precision}), run folder {run_dir}")
+    run.validate_args(args, VALID_MIN)
+    run.open_run_folder(run_dir, Path(__file__).name, args, data, device)
     return args, data, device, run_dir, checkpoint
 
 
 class Trainer:
-    """The run state (model, optimisers, replays, counters, metrics); `state_dict()` is the checkpoint."""
+    """The run state (networks, optimisers, replays, the loop's position `counters`) and the steps `train` takes."""
 
     def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
         self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
@@ -682,49 +648,45 @@ class Trainer:
         self.optimizer = Lamb(lamb_param_groups(self.model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
         self.scheduler = warmup_schedule(self.optimizer, args.warmup_steps)
         self.log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr,
-                                                      betas=(0.9, 0.999))
+        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr)
         replay_kwargs = dict(state_mean=data.state_mean, state_std=data.state_std, rtg_scale=args.rtg_scale,
                              max_ep_len=self.max_ep_len, device=device)
         self.offline = TrajectoryReplay(len(data.episodes), **replay_kwargs)  # pretraining samples all offline data
         for episode in data.episodes:
             self.offline.add(episode)
         self.replay = TrajectoryReplay(args.buffer_size, **replay_kwargs)
-        # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+        # Alg. 1 line 2: the top-N offline trajectories by return, ascending so that FIFO evicts the worst first (§4.1)
         for episode in sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]:
             self.replay.add(episode)
 
-        # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
+        # The loop's position. round_updates_left > 0: the round's rollout is in the replay, that many updates to go.
         self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False,
                          "round_updates_left": 0, "round": {}}
-        self.meter = StatsMeter()
+        self.meter = run.StatsMeter()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                self.counters.get("metrics_rows"))
-        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
-        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                    self.counters.get("metrics_rows"))
+        self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = run.Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final: dict = {}  # the metrics of finetuning's latest evaluation in this process
         self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
+    # What a checkpoint holds: these objects' state_dict(), plus log λ, the loop's position and the RNG states.
+    STATE = ("model", "optimizer", "scheduler", "temperature_optimizer", "replay", "meter")
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
-                "temperature_optimizer": self.temperature_optimizer.state_dict(), "replay": self.replay.state_dict(),
-                "counters": dict(self.counters), "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+        return {**{key: getattr(self, key).state_dict() for key in self.STATE}, "counters": dict(self.counters),
+                "log_temperature": self.log_temperature.detach().cpu(), "rng": run.rng_state(self.rng)}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        for key in self.STATE:
+            getattr(self, key).load_state_dict(checkpoint[key])
         with torch.no_grad():
             self.log_temperature.copy_(checkpoint["log_temperature"])
-        self.temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
-        self.replay.load_state_dict(checkpoint["replay"])
         self.counters.update(checkpoint["counters"])
-        self.meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(self.rng, checkpoint["rng"])
+        run.restore_rng_state(self.rng, checkpoint["rng"])
         print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
               f"env step {self.counters['env_steps']}")
 
@@ -732,7 +694,7 @@ class Trainer:
         self.counters["wall_time_s"] = time.time() - self.start_time
         self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
         if self.args.save_model:
-            save_checkpoint(self.run_dir, self.state_dict())
+            run.save_checkpoint(self.run_dir, self.state_dict())
 
     def agent(self, target_return: float, *, explore: bool) -> DTAgent:
         """Evaluation acts with the mean action tanh(μ); exploration samples from the policy (§4)."""
@@ -744,6 +706,7 @@ class Trainer:
         return evaluate(self.eval_envs, self.agent(self.args.g_eval, explore=False), seeds, self.data.normalized_score)
 
     def train_step(self, source: TrajectoryReplay) -> None:
+        """Alg. 2 lines 4-9: a batch of windows from `source`, one gradient update of θ and log λ (eq. 7)."""
         t0 = time.perf_counter()
         stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                        log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
@@ -751,89 +714,57 @@ class Trainer:
         self.counters["updates"] += 1
         self.meter.add(stats, time.perf_counter() - t0)
 
-    def log_row(self, extra: dict) -> None:
-        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
-               "rounds": self.counters["rounds"]}
-        stats = self.meter.pop()
-        check_finite(stats, self.counters, self.run_dir)
-        self.logger.log({**row, **stats, **extra})
-
-    def pretrain(self, stop: StopFlag) -> None:
-        """Offline pretraining (Alg. 1 lines 1-3), then one evaluation. The first row comes after one update,
-        with a cost estimate after three."""
+    def explore(self) -> list[Episode]:
+        """Alg. 1 line 4: episodes with actions sampled from π_θ(·|s, g_online) until the round has
+        --min-steps-per-round new env steps (default: one episode); episode i of round r resets with
+        online_episode_seed(seed, r, i). Counts the round and its env steps."""
         args, counters = self.args, self.counters
-        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-        while counters["updates"] < args.pretrain_updates and not stop.requested:
-            self.train_step(self.offline)
-            bar.update(1)
-            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
-                rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
-                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
-            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
-                if self.checkpoints.due(counters["updates"]):
-                    self.save_checkpoint()
-        bar.close()
-        if not stop.requested and not counters["pretrain_evaluated"]:
-            metrics = self.evaluate()
-            counters["pretrain_evaluated"] = True
-            self.log_row({"phase": "pretrain", **metrics})
-            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+        t0, agent, episodes, returns = time.perf_counter(), self.agent(args.g_online, explore=True), [], []
+        while not episodes or sum(len(e.rewards) for e in episodes) < (args.min_steps_per_round or 0):
+            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(episodes))
+            result = rollout(self.train_envs, agent, [episode_seed], record=True)
+            episodes.append(result.episodes[0])
+            returns.append(float(result.returns[0]))
+        steps = sum(len(e.rewards) for e in episodes)
+        counters["env_steps"] += steps
+        counters["rounds"] += 1
+        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": steps / len(episodes),
+                             "charts/SPS": steps / max(time.perf_counter() - t0, 1e-9)}
+        return episodes
+
+    def log_row(self, extra: dict, checkpoint: bool = False) -> None:
+        """A metrics row (the loop's position, mean statistics since the last row, `extra`), a checkpoint if asked."""
+        at, stats = self.counters, self.meter.pop()
+        run.check_finite(stats, at, self.run_dir)
+        self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"], **stats,
+                         **extra})
+        if checkpoint:
             self.save_checkpoint()
 
-    def finetune(self, stop: StopFlag) -> None:
-        """Online finetuning (Alg. 1 lines 4-10): rounds of rollouts, then `updates_per_round` updates. A stop
-        request is honoured between any two updates: the checkpoint holds the round's progress."""
-        args, counters = self.args, self.counters
-        bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-                   disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
-        while not stop.requested and (counters["round_updates_left"] > 0 or counters["env_steps"] < args.online_steps):
-            if counters["round_updates_left"] == 0:
-                bar.update(self.collect_round())
-                bar.set_postfix(ret=f"{counters['round']['rollout/return']:.4g}")
-            while counters["round_updates_left"] > 0 and not stop.requested:
-                self.train_step(self.replay)
-                counters["round_updates_left"] -= 1
-            if counters["round_updates_left"] == 0:
-                self.end_round()
-        bar.close()
-
-    def collect_round(self) -> int:
-        """Episodes conditioned on g_online until the round has `min_steps_per_round` steps (default: one)."""
-        args, counters = self.args, self.counters
-        t0, returns, lengths = time.perf_counter(), [], []
-        agent = self.agent(args.g_online, explore=True)
-        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
-            result = rollout(self.train_envs, agent, [episode_seed], record=True)
-            self.replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
-            returns.append(float(result.returns[0]))
-            lengths.append(int(result.lengths[0]))
-        counters["env_steps"] += sum(lengths)
-        counters["rounds"] += 1
-        counters["round_updates_left"] = args.updates_per_round
-        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
-                             "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
-        return sum(lengths)
+    def log_pretraining(self) -> None:
+        """A metrics row every --log-interval updates (and after the first and the last), with a checkpoint when
+        one is due; the cost estimate after three updates (past the first calls' warm-up)."""
+        args, n = self.args, self.counters["updates"]
+        if n == 3 and not self.resumed:
+            rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
+            run.print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
+        if n % args.log_interval == 0 or n in (1, args.pretrain_updates):
+            self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()},
+                         checkpoint=self.checkpoints.due(n))
 
     def end_round(self) -> None:
-        """The round's metrics row, with an evaluation and a checkpoint when due (and after the last round)."""
-        counters, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
-        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": self.meter.updates_per_second()}
-        if self.evaluations.due(counters["env_steps"]) or last:
+        """The round's metrics row, with an evaluation every --eval-interval env steps and a checkpoint when one is
+        due (both also after the last round)."""
+        at, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
+        extra = {"phase": "online", **at["round"], "charts/updates_per_second": self.meter.updates_per_second()}
+        if self.evaluations.due(at["env_steps"]) or last:
             extra.update(self.evaluate())
             self.final = {k: v for k, v in extra.items() if k.startswith("eval/")}
-        self.log_row(extra)
-        if self.checkpoints.due(counters["updates"]) or last:
-            self.save_checkpoint()
+        self.log_row(extra, checkpoint=self.checkpoints.due(at["updates"]) or last)
 
     def stopped(self) -> dict:
         self.save_checkpoint()
-        self.logger.close()
-        mark_stopped(self.run_dir, self.counters)
-        return {"stopped": True, "run_dir": str(self.run_dir)}
+        return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
         """Final metrics row (evaluating unless the last round did), model.pt and summary.json."""
@@ -841,26 +772,49 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
-        if self.args.save_model:
-            atomic_save(self.model.state_dict(), self.run_dir / "model.pt")
         if self.args.capture_video:
-            record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
-                         seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.logger.close()
-        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
-        return summary
+            run.record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
+                             seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
+        return run.finish_run(self.run_dir, self.logger, self.model if self.args.save_model else None, summary)
+
+
+def train(t: Trainer, stop: run.StopFlag) -> None:
+    """ODT Alg. 1, with Alg. 2's gradient step as `t.train_step`. The loop's position is `t.counters` (updates,
+    env steps, rounds, updates left in the round), saved in every checkpoint: a stop request is honoured between
+    any two updates, and --resume continues from that point, mid-round included."""
+    args, at = t.args, t.counters
+    # Input π_θ: pretrained on every offline trajectory (Table C.4: 5k-10k updates), then evaluated once
+    with run.progress_bar("pretraining", at["updates"], args.pretrain_updates, "upd", args.progress) as bar:
+        while at["updates"] < args.pretrain_updates and not stop.requested:
+            t.train_step(t.offline)
+            t.log_pretraining()  # a metrics row every --log-interval updates, a checkpoint when due
+            bar.update(1)
+    if not stop.requested and not at["pretrain_evaluated"]:
+        at["pretrain_evaluated"] = True
+        t.log_row({"phase": "pretrain", **t.evaluate()}, checkpoint=True)
+    # Line 2, T_replay ← the top-N offline trajectories, was done by Trainer()
+    with run.progress_bar("finetuning", at["env_steps"], args.online_steps, "step",
+                          args.progress and not stop.requested) as bar:
+        while not stop.requested and (at["round_updates_left"] > 0 or at["env_steps"] < args.online_steps):  # l. 3
+            if at["round_updates_left"] == 0:  # a new round (after a resume the loop may be in the middle of one)
+                for episode in t.explore():  # line 4: roll out π_θ(·|s, g_online) with sampled actions
+                    t.replay.add(episode)  # line 5: FIFO (the oldest leaves); RTGs relabeled by achieved rewards
+                at["round_updates_left"] = args.updates_per_round
+                bar.update(at["env_steps"] - bar.n)
+            while at["round_updates_left"] > 0 and not stop.requested:  # line 6: I iterations of Alg. 2
+                t.train_step(t.replay)
+                at["round_updates_left"] -= 1
+            if at["round_updates_left"] == 0:
+                t.end_round()  # metrics row; evaluation every --eval-interval env steps and after the last round
 
 
 def main(args: Args, typed: set[str] | None = None) -> dict:
     args, data, device, run_dir, checkpoint = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, optimisers, replay; resumes a checkpoint
-    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
-    trainer.pretrain(stop)  # offline (Alg. 1 lines 1-3)
-    trainer.finetune(stop)  # online (Alg. 1 lines 4-10)
+    stop = run.StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    train(trainer, stop)  # Alg. 1: offline pretraining, then rounds of exploration and updates
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    run.cli(main, Args)

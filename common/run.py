@@ -171,11 +171,11 @@ def prepare_run(args, script: str) -> tuple[object, Path, dict | None]:
     fields = {f.name for f in dataclasses.fields(args)}
     saved = type(args)(**{k: v for k, v in config["args"].items() if k in fields})
     saved.resume, saved.progress = args.resume, args.progress
-    (run_dir / "STOPPED").unlink(missing_ok=True)
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or corrupt file
         raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
+    (run_dir / "STOPPED").unlink(missing_ok=True)  # only once the resume goes ahead
     return saved, run_dir, checkpoint
 
 
@@ -407,3 +407,89 @@ def cli(main, args_cls) -> None:
         print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
         sys.exit(130)
     sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
+
+
+# Progress bars, and the end of a stopped or finished run.
+def progress_bar(desc: str, done: int, total: int, unit: str, enabled: bool):
+    """A tqdm bar over `total` that starts at `done` (a resumed run), or a silent one (--no-progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=min(done, total), desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True)
+
+
+def stop_run(run_dir: Path, logger: RunLogger, counters: dict) -> dict:
+    """After the stop's checkpoint: close the metrics file and leave STOPPED with the command that continues."""
+    logger.close()
+    mark_stopped(run_dir, counters)
+    return {"stopped": True, "run_dir": str(run_dir)}
+
+
+def finish_run(run_dir: Path, logger: RunLogger, model: torch.nn.Module | None, summary: dict) -> dict:
+    """A finished run's files: model.pt (None: --no-save-model), then summary.json, which marks the run finished
+    (--resume refuses it, a sweep skips it); closes the metrics file and prints the final evaluation."""
+    if model is not None:
+        atomic_save(model.state_dict(), run_dir / "model.pt")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    logger.close()
+    print(f"final: return {summary['eval/return_mean']:.3g} ± {summary['eval/return_std']:.3g}, normalized score "
+          f"{summary['eval/normalized_score_mean']:.3g} ± {summary['eval/normalized_score_std']:.3g} → {run_dir}")
+    return summary
+
+
+# A trained run read back (--eval-only), and a finished run's files when there is more than one network.
+def read_finished_run(run: Path, script: str, fields: tuple[str, ...], args) -> Path:
+    """--eval-only RUN: check that RUN is a finished run folder of `script` (config.json and model.pt), copy the
+    `fields` its model needs (the network's shape and input convention) from its config into `args` (every other
+    flag stays the command line's) and return the path of its model.pt."""
+    model_path, config_path = run / "model.pt", run / "config.json"
+    if not config_path.is_file() or not model_path.is_file():
+        raise UserError(f"--eval-only {run}: expected a finished run folder of {script} with config.json and "
+                        f"model.pt (runs/<env>__<exp>__<seed>__<time>/).")
+    config = json.loads(config_path.read_text())
+    if config.get("script") != script:
+        raise UserError(f"--eval-only {run}: that run was made by {config.get('script', 'another script')}.")
+    for key in fields:
+        setattr(args, key, config["args"][key])
+    return model_path
+
+
+def load_states(path: Path, modules: dict, device: torch.device, context: str) -> None:
+    """Load each module of `modules` ({key in the file: module}) from the torch file at `path`; a wrong file, or
+    networks of another shape, stop with one message."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+    except Exception as exc:  # wrong file, or a model of another shape
+        raise UserError(f"{context}: {path} does not hold this script's networks ({exc}).") from exc
+
+
+def write_final(run_dir: Path, logger: RunLogger, summary: dict, model_state: dict | None = None,
+                video: tuple | None = None) -> dict:
+    """A finished run's files: model.pt (`model_state`, a dict of state dicts; None: not saved), the
+    --capture-video episode (`video` = (make_env, agent, seed)), then summary.json, which marks the run finished
+    (--resume refuses it, a sweep skips it); closes the metrics file."""
+    if model_state is not None:
+        atomic_save(model_state, run_dir / "model.pt")
+    if video is not None:
+        record_video(*video, path=run_dir / "eval.mp4")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    logger.close()
+    return summary
+
+
+def open_run_folder(run_dir: Path, script: str, args, data, device: torch.device) -> None:
+    """A new run's folder and config.json (the flags as resolved, the dataset, the device), and the line that
+    announces the run (a resumed run keeps its folder and config)."""
+    start_run_folder(run_dir, {"script": script, "args": dataclasses.asdict(args), "dataset": data.source,
+                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
+    print(f"{script}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, device {device} "
+          f"({args.precision}), run folder {run_dir}")
+
+
+def print_defaults(data, filled: dict) -> None:
+    """The per-dataset defaults a run took (flags left unset), as the flags that would set them."""
+    if filled:  # nothing to fill on --resume: the run's config.json holds every value
+        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): " + ", ".join(
+            f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+            for k, v in filled.items()))
