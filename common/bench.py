@@ -300,7 +300,9 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
         ref = dg.reference_rollout(ref_env, agent(1), 100, args.g_online * args.rtg_scale, args.reference_sample)
         gap = args.sub_len if args.branch_gap is None else args.branch_gap
         t0s = dg.branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)
-        parts = [dg.rollout_groups(member_envs, agent(args.group_size), ref, t[None], 100, args) for t in t0s]
+        parts = [dg.rollout_groups(member_envs, agent(args.group_size), ref, t[None], seed=100,
+                                   group_size=args.group_size, sub_len=args.sub_len, cont_len=args.cont_len,
+                                   relabel=args.relabel) for t in t0s]
         groups = dg.concat_groups(parts)
         state["groups"], state["ref"] = groups, ref
         return len(ref["rewards"]) + groups["env_steps"]
@@ -308,7 +310,8 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
     def make_batch():
         if "groups" not in state:
             one_round()
-        state["batch"] = dg.make_grpo_batch(model, state["groups"], state["ref"], args)
+        state["batch"] = dg.make_grpo_batch(model, state["groups"], state["ref"], group_size=args.group_size,
+                                            adv_eps=args.adv_eps, relabel=args.relabel, rtg_scale=args.rtg_scale)
 
     minibatch = args.grpo_minibatch or n_members
     idx = torch.as_tensor(rng.permutation(n_members)[:minibatch], device=device)
@@ -317,7 +320,10 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
         if "batch" not in state:
             make_batch()
         return dg.grpo_update(model, ref_model, online_optimizer, log_temperature, temperature_optimizer,
-                              state["batch"], idx, args)
+                              state["batch"], idx, ratio=args.ratio, clip_eps=args.clip_eps,
+                              max_log_ratio=args.max_log_ratio, entropy_coef=args.entropy_coef, kl_coef=args.kl_coef,
+                              target_entropy=args.target_entropy, grad_clip=args.grad_clip,
+                              dropout=args.online_dropout)
 
     per_round = args.grpo_epochs * math.ceil(n_members / minibatch)
     return [Figure("round", f"one round's rollouts: reference + {args.groups_per_round}×{args.group_size} members, "
