@@ -2,10 +2,10 @@
 
 Paper: J. Luo, Y. Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167;
 (R) marks what the public reviews of its ICLR 2026 submission (OpenReview UPeqfbXgvf) state. Pretraining is ODT's
-(arXiv 2202.05607 Alg. 1; differences in odt.py). A round: a reference episode; branch points ∝ the predicted
-action variance (R); per point G members restored to that state, L_traj sampled + L_eval mean-action steps each
-(R: L_eval ≈ 400); advantages normalised in the group (R); PPO-clipped updates of each member's sequence ratio.
-Q-GRPO (R, Fig. 3c): where the env cannot restore a state, G sampled actions scored by a TD3 twin-Q critic.
+(arXiv 2202.05607 Alg. 1; differences in odt.py). Then rounds (`train`): (1) a reference episode; (2) branch points
+∝ the predicted action variance (R); (3) per point G members restored to that state, L_traj sampled + L_eval
+mean-action steps each (R: L_eval ≈ 400); (4) advantages normalised in the group (R); (5) PPO-clipped updates of
+each member's sequence ratio. Q-GRPO (R, Fig. 3c): no restore; G sampled actions scored by a TD3 twin-Q critic.
 
 Usage:
     python dt_grpo.py --env-id hopper-random-v2 --preset cpu     # CPU-scale protocol
@@ -18,12 +18,11 @@ Unknown in the paper (only its abstract is public), chosen here, each a flag:
 - No relabeling (abstract, R): RTG_{t+1} = RTG_t − r_t·scale in the continuation too and g_online = g_eval,
   so π_old and π_θ are one conditional (ρ = 1 exactly on fresh data). --relabel is ODT's, as an ablation.
 - Mean-action reference episode (--reference-sample): the policy evaluation measures; Q-GRPO samples it.
-- Entropy bonus: ODT's learned λ, its dual update continued (--entropy-coef); k3 KL to the pretrained policy
-  optional (--kl-coef, off).
-- Groups roll one at a time: --online-steps and --eval-interval hold to within one group.
+- Entropy bonus: ODT's learned λ, its dual update continued (--entropy-coef); optional k3 KL to the pretrained
+  policy (--kl-coef, off). Groups roll one at a time: --online-steps and --eval-interval hold to within one group.
 - CPU speed: dropout masks draw 16-bit uniforms (p rounded to a multiple of 2^-16), see the `Dropout` class;
   attention is computed explicitly on CPU (torch's fused kernels cannot take those masks).
-Details and measurements: docs/dt_grpo.md
+Details, measurements and the algorithm box → code: docs/dt_grpo.md
 """
 
 from __future__ import annotations
@@ -31,13 +30,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
-import os
 import random
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +42,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from tqdm import tqdm
 
-from common.datasets import DatasetError, Episode, OfflineData, load_dataset
+from common import run
+from common.datasets import Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
 
 
 @dataclass
@@ -83,13 +76,13 @@ class Args:
     generate_steps: int = 1_000_000
     """size of a locally generated *-random-v2 dataset (env steps)"""
     pretrain_updates: int | None = None
-    """offline gradient updates before finetuning (None: per-dataset default, Table C.4)"""
+    """offline gradient updates before finetuning (None: per-dataset, ODT Table C.4: 5000-10000)"""
     online_steps: int = 200_000
-    """online environment steps of finetuning (paper Table 5.1: 200k)"""
+    """online environment steps of finetuning (ODT Table 5.1: 200k; arXiv 2601.00167's budget is not public)"""
     updates_per_round: int = 300
-    """gradient updates after each online rollout (Table C.3)"""
+    """ODT's updates per rollout (Table C.3: 300); unused here: a round takes --grpo-epochs × minibatches"""
     min_steps_per_round: int | None = None
-    """collect episodes until at least this many new env steps per round (None: one episode, Alg. 1)"""
+    """ODT's minimum env steps per round; unused here: a round is its reference episode and its groups"""
     eval_interval: int = 10_000
     """online env steps between evaluations (also evaluated after pretraining and at the end)"""
     eval_episodes: int = 10
@@ -110,77 +103,78 @@ class Args:
     has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
 
     # Algorithm specific arguments
+    # Pretraining: ODT's (arXiv 2202.05607 Tables C.1, C.3, C.4; None: per-dataset, the table below Args)
     embed_dim: int | None = None
-    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    """transformer width (None: per-dataset, ODT Table C.3: 512; 1024 for antmaze-umaze-diverse)"""
     n_layers: int = 4
-    """transformer blocks"""
+    """transformer blocks (ODT Table C.3: 4)"""
     n_heads: int = 4
-    """attention heads"""
+    """attention heads (ODT Table C.3: 4)"""
     dropout: float = 0.1
-    """dropout in embeddings, attention and MLP"""
+    """dropout in embeddings, attention and MLP (ODT Table C.3: 0.1)"""
     context_len: int | None = None
-    """training context length K (None: per-dataset default, 20)"""
+    """training context length K (None: per-dataset, ODT Table C.3: 20; 1 for one-step datasets)"""
     eval_context_len: int | None = None
-    """context length for evaluation and online rollouts (None: per-dataset default, Table C.4)"""
+    """context length of evaluation and online rollouts (None: per-dataset, ODT Table C.4: 5; 1 for Ant)"""
     batch_size: int = 256
-    """windows per gradient update"""
+    """windows per pretraining update; transitions per Q-GRPO critic update (ODT Table C.3: 256)"""
     learning_rate: float | None = None
-    """LAMB learning rate (None: per-dataset default, Table C.4)"""
+    """LAMB learning rate of pretraining (None: per-dataset, ODT Table C.4: 1e-4 to 2e-3)"""
     weight_decay: float | None = None
-    """LAMB weight decay (None: per-dataset default, Table C.4)"""
+    """LAMB weight decay (None: per-dataset, ODT Table C.4: 0 to 1e-3)"""
     warmup_steps: int = 10_000
-    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning"""
+    """linear learning-rate warm-up in gradient steps (ODT Table C.3: 10^4)"""
     grad_clip: float = 0.25
-    """global gradient-norm clip"""
+    """global gradient-norm clip, pretraining and GRPO (ODT Table C.3: 0.25)"""
     init_temperature: float = 0.1
-    """initial entropy temperature λ (log λ is learned)"""
+    """initial entropy temperature λ, log λ learned (ODT reference implementation: 0.1)"""
     temperature_lr: float = 1e-4
-    """Adam learning rate of log λ"""
+    """Adam learning rate of log λ (ODT App. C: 1e-4)"""
     target_entropy: float | None = None
-    """entropy lower bound β (None: −dim(A))"""
+    """entropy lower bound β (None: −dim(A), ODT Table C.1)"""
     buffer_size: int | None = None
-    """replay capacity in trajectories (None: per-dataset default, 1000 Gym / 1500 AntMaze)"""
+    """ODT's online replay (None: Table C.4: 1000 trajectories; 1500 AntMaze); unused here: GRPO is on-policy"""
     rtg_scale: float | None = None
-    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze, as ODT's reference code)"""
     g_eval: float | None = None
-    """target return for evaluation (None: per-dataset default, Table C.4)"""
+    """target return of evaluation (None: per-dataset, ODT Table C.4: 3600 / 5000 / 6000 / 6000 / 1)"""
     g_online: float | None = None
-    """target return for exploration rollouts (None: per-dataset default, Table C.4)"""
+    """target return of online rollouts (None: g_eval, no relabeling (abstract); not ODT's 2·g_eval)"""
     use_timestep_embedding: bool | None = None
-    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, Table C.4)"""
-    # GRPO online finetuning (arXiv 2601.00167); None: per-dataset default from GRPO_DEFAULTS
+    """learned absolute timestep embedding (None: ODT Table C.4: off for Gym, on for AntMaze)"""
+    # GRPO finetuning (arXiv 2601.00167; its Tables 5-6 are not public: "ours" below). None: GRPO_DEFAULTS
     group_size: int | None = None
-    """G: members per group (sub-trajectories branched from one simulator state, or actions scored by Q)"""
+    """G: members per group, from one restored state or scored by Q (None: ours, 8; 16 one-step)"""
     sub_len: int | None = None
-    """L_traj: sampled steps per member (the steps the sequence-level ratio covers)"""
+    """L_traj: sampled steps per member, those the sequence ratio covers (None: ours, 10; 20 AntMaze; 1 one-step)"""
     cont_len: int | None = None
-    """L_eval: mean-action continuation steps added to each member's score (paper: ≈ 400 on MuJoCo)"""
+    """L_eval: mean-action steps added to a member's score (None: paper ≈ 400 on MuJoCo (R, Fig. 3b); 0 one-step)"""
     groups_per_round: int | None = None
-    """groups (branch points) per round"""
+    """groups (branch points) per round (None: ours, 4)"""
     ratio: Literal["joint", "geometric"] = "joint"
-    """sequence ratio of a member: exp(Σ_t log π_θ/π_old), the joint likelihood, or exp(mean_t ...) (GSPO)"""
+    """sequence ratio: exp(Σ_t log π_θ/π_old), the paper's joint likelihood (§3.3, R), or exp(mean_t …) (GSPO)"""
     clip_eps: float | None = None
-    """PPO clip ε of the sequence ratio (None: 0.2 joint, 0.05 geometric)"""
+    """PPO clip ε of the sequence ratio (None: ours, 0.2 joint, 0.05 geometric)"""
     online_learning_rate: float | None = None
-    """Adam learning rate of the GRPO phase"""
+    """Adam learning rate of the GRPO phase (None: ours, 2e-5; 1e-3 one-step)"""
     grpo_epochs: int | None = None
-    """passes over each round's members"""
+    """passes over each round's members (None: ours, 4)"""
     grpo_minibatch: int | None = None
-    """members per gradient update (0: all members of the round, one update per epoch)"""
+    """members per gradient update, 0: all of the round's, one update per epoch (None: ours, 8; 0 one-step)"""
     entropy_coef: float | None = None
-    """entropy bonus weight (None: ODT's learned temperature λ, its dual update continued)"""
+    """entropy bonus weight (None: ODT's learned temperature λ, its dual update continued; ours)"""
     kl_coef: float = 0.0
-    """weight of the KL to the frozen pretrained policy (k3 estimator); 0 switches it off"""
+    """weight of the KL to the frozen pretrained policy, k3 estimator; 0 switches it off (paper: optional)"""
     adv_eps: float = 1e-6
-    """ε of the group normalisation (R_i − mean) / (std + ε)"""
+    """ε of the group normalisation (R_i − mean) / (std + ε) (GRPO, arXiv 2402.03300 §4.1.2; ours: 1e-6)"""
     max_log_ratio: float = 20.0
     """clamp of the sequence log-ratio before exp (numerical guard only)"""
     branch_sampling: Literal["variance", "top", "uniform"] = "variance"
-    """branch points: drawn ∝ predicted action variance, the highest-variance steps, or uniformly (ablation)"""
+    """branch points: drawn ∝ the predicted action variance (paper, R), the highest-variance steps, or uniformly"""
     branch_gap: int | None = None
-    """minimum distance in steps between a round's branch points (None: L_traj)"""
+    """minimum distance in steps between a round's branch points (None: L_traj; ours)"""
     reference_sample: bool = False
-    """roll the per-round reference episode with sampled actions (default: mean action; critic mode samples)"""
+    """roll the per-round reference episode with sampled actions (default: mean action; Q-GRPO samples)"""
     online_dropout: bool = False
     """keep dropout on in GRPO updates (off: π_θ equals π_old on fresh data)"""
     relabel: bool = False
@@ -188,21 +182,20 @@ class Args:
     advantage: Literal["auto", "group", "critic"] = "auto"
     """group returns after a state restore, or Q-GRPO's twin-Q critic (auto: critic iff the env cannot restore)"""
     critic_lr: float = 3e-4
-    """Q-GRPO: Adam learning rate of the twin-Q critic"""
+    """Q-GRPO: Adam learning rate of the twin-Q critic (TD3, arXiv 1802.09477: 3e-4)"""
     critic_updates_per_step: float = 1.0
     """Q-GRPO: critic updates per online env step (TD3: 1)"""
     critic_warmup: int = 2000
-    """Q-GRPO: online env steps (critic trained, policy fixed) before the first policy update"""
+    """Q-GRPO: online env steps (critic trained, policy fixed) before the first policy update (ours)"""
     critic_buffer: int = 200_000
-    """Q-GRPO: transitions kept for the critic (FIFO)"""
+    """Q-GRPO: transitions kept for the critic, FIFO (ours)"""
     gamma: float = 0.99
-    """Q-GRPO: discount of the critic"""
+    """Q-GRPO: discount of the critic (TD3: 0.99)"""
     tau: float = 0.005
-    """Q-GRPO: Polyak rate of the critic's target networks"""
+    """Q-GRPO: Polyak rate of the critic's target networks (TD3: 0.005)"""
 
-
-# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT paper Table C.4
-# (finetuning); datasets the paper does not list use their family's medium row.
+# Per-dataset defaults of pretraining: ODT's finetuning table (arXiv 2202.05607 Table C.4), a row per family
+# ("<family>-<kind>" overrides "<family>"); datasets the paper does not list use their family's medium row.
 DATASET_DEFAULTS: dict[str, dict] = {
     "hopper": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=3600, g_online=7200),
     "hopper-medium-replay": dict(learning_rate=2e-3, weight_decay=1e-4),
@@ -221,10 +214,10 @@ DATASET_DEFAULTS: dict[str, dict] = {
 COMMON_DEFAULTS = dict(embed_dim=512, context_len=20, eval_context_len=5, pretrain_updates=5000,
                        learning_rate=1e-4, weight_decay=5e-4, buffer_size=1000, rtg_scale=1e-3,
                        use_timestep_embedding=False)
-# GRPO phase. L_eval ≈ 400 is the paper's (Tab. 6 per its reviews); the rest are our choices (module docstring).
+# GRPO phase. arXiv 2601.00167 Tables 5-6 hold its values, not public: L_eval ≈ 400 on MuJoCo is the paper's
+# (Tab. 6, per its reviews), the rest are our choices (module docstring; measurements in docs/dt_grpo.md).
 GRPO_DEFAULTS: dict[str, dict] = {
-    "one-step": dict(group_size=16, sub_len=1, cont_len=0, groups_per_round=4, online_learning_rate=1e-3,
-                     grpo_epochs=4, grpo_minibatch=0),
+    "one-step": dict(group_size=16, sub_len=1, cont_len=0, online_learning_rate=1e-3, grpo_minibatch=0),
     "antmaze": dict(sub_len=20),
 }
 GRPO_COMMON_DEFAULTS = dict(group_size=8, sub_len=10, cont_len=400, groups_per_round=4, online_learning_rate=2e-5,
@@ -237,11 +230,12 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(embed_dim=128, n_layers=3, n_heads=1, batch_size=64, warmup_steps=1000, pretrain_updates=1000,
                 online_steps=20_000, eval_interval=5000, eval_episodes=5),
 }
-# Smallest valid value of each numeric flag (checked before any work; GRPO's own settings in load_and_check()).
+# Smallest valid value of each numeric flag, checked before any work and with the defaults in (G ≥ 2: Â_i needs a group)
 VALID_MIN = dict(generate_steps=1, pretrain_updates=0, online_steps=0, updates_per_round=1, min_steps_per_round=0,
                  eval_interval=1, eval_episodes=1, log_interval=1, checkpoint_interval=1, embed_dim=1, n_layers=1,
                  n_heads=1, context_len=1, eval_context_len=1, batch_size=1, learning_rate=0.0, weight_decay=0.0,
-                 warmup_steps=1, grad_clip=0.0, init_temperature=1e-8, temperature_lr=0.0, rtg_scale=1e-12)
+                 warmup_steps=1, grad_clip=0.0, init_temperature=1e-8, temperature_lr=0.0, rtg_scale=1e-12,
+                 group_size=2, sub_len=1, cont_len=0, groups_per_round=1, grpo_epochs=1, grpo_minibatch=0, branch_gap=0)
 
 
 def one_step_defaults(data: OfflineData) -> dict:
@@ -253,9 +247,14 @@ def one_step_defaults(data: OfflineData) -> dict:
     return dict(rtg_scale=1.0 / max(float(np.abs(returns).max()), abs(best), 1e-8), g_eval=best, g_online=best)
 
 
+def is_one_step(data: OfflineData) -> bool:
+    """Every episode a single step (the papers' toys, under any id): one start state, so a reset is a restore."""
+    return bool(data.episodes) and all(len(e.rewards) == 1 for e in data.episodes)
+
+
 def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
-    """Fill every field left at None from the per-dataset table; explicit flags always win."""
-    one_step = bool(data.episodes) and all(len(e.rewards) == 1 for e in data.episodes)
+    """Fill every field left at None from the per-dataset tables; explicit flags always win."""
+    one_step = is_one_step(data)
     family = "one-step" if one_step else data.family
     table = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(family, {}),
              **DATASET_DEFAULTS.get(f"{family}-{data.dataset_kind}", {}),
@@ -264,8 +263,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     if one_step:  # data-derived return scale and targets (one_step_defaults)
         table.update({k: v for k, v in one_step_defaults(data).items() if hasattr(args, k)})
     if family not in DATASET_DEFAULTS and data.ref_max_score is not None:
-        # Unknown family: condition on the expert return (paper App. D).
-        table.update(g_eval=data.ref_max_score)
+        table.update(g_eval=data.ref_max_score)  # unknown family: condition on the expert return (ODT App. D)
     # No relabeling: the conditional that GRPO improves is the rollout one, so roll out at g_eval.
     table["g_online"] = args.g_eval if args.g_eval is not None else table.get("g_eval")
     table.setdefault("clip_eps", CLIP_EPS[args.ratio])
@@ -273,15 +271,11 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
     for key, value in filled.items():
         setattr(args, key, value)
-    if filled:  # nothing to fill on --resume: the run's config.json holds every value
-        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                          for k, v in filled.items()))
-    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
-               and getattr(args, f.name) is None]
+    run.print_defaults(data, filled)  # the applied values (none on --resume: config.json holds every value)
+    missing = [key for key in ("g_eval", "g_online") if getattr(args, key) is None]
     if missing:
-        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
-                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+        raise run.UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', no "
+                            f"reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
     return args
 
 
@@ -512,62 +506,33 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
-# ALGO LOGIC: trajectory replay and window sampling
+# ALGO LOGIC: the offline data and window sampling
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """Undiscounted suffix sums R_t = Σ_{t'≥t} r_t'."""
     return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
 
 
-class TrajectoryReplay:
-    """Trajectory-level FIFO replay (Alg. 1) with length-proportional window sampling (App. F, Alg. 3).
+class OfflineWindows:
+    """The offline trajectories that pretraining samples, windowed as ODT samples its replay (App. F, Alg. 3):
+    flat tensors on the training device, so a batch is one fancy-indexing gather. GRPO keeps no online replay:
+    it is on-policy, each round's groups are used for its updates and dropped."""
 
-    Trajectories are kept as a list (the state checkpoints save) and mirrored into flat tensors on
-    the training device, rebuilt lazily after a change, so a batch is one fancy-indexing gather.
-    RTGs are recomputed from the stored rewards when a trajectory is added: hindsight relabeling.
-    """
-
-    def __init__(self, capacity: int, state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float,
+    def __init__(self, episodes: list[Episode], state_mean: np.ndarray, state_std: np.ndarray, rtg_scale: float,
                  max_ep_len: int, device: torch.device):
-        self.capacity, self.rtg_scale, self.max_ep_len, self.device = capacity, rtg_scale, max_ep_len, device
-        self.state_mean, self.state_std = state_mean.astype(np.float32), state_std.astype(np.float32)
-        self.trajectories: list[dict[str, np.ndarray]] = []
-        self.next_slot = 0  # FIFO pointer once full
-        self._flat: dict[str, torch.Tensor] | None = None
-
-    def add(self, episode: Episode) -> None:
-        traj = {"observations": episode.observations, "actions": episode.actions, "rewards": episode.rewards}
-        if len(self.trajectories) < self.capacity:
-            self.trajectories.append(traj)
-        else:
-            self.trajectories[self.next_slot] = traj  # replace the oldest (paper §4.1)
-            self.next_slot = (self.next_slot + 1) % self.capacity
-        self._flat = None
-
-    def __len__(self) -> int:
-        return len(self.trajectories)
-
-    def _rebuild(self) -> None:
-        trajs = self.trajectories
-        self.lengths = np.array([len(t["rewards"]) for t in trajs], dtype=np.int64)
+        self.device = device
+        self.lengths = np.array([len(e.rewards) for e in episodes], dtype=np.int64)
         self.offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
         self.cdf = np.cumsum(self.lengths / self.lengths.sum())
-        cat = lambda key: np.concatenate([t[key] for t in trajs]).astype(np.float32)
-        flat = {
-            "states": (cat("observations") - self.state_mean) / self.state_std,  # frozen normalisation
-            "actions": cat("actions"),
-            "rtg": np.concatenate([returns_to_go(t["rewards"]) for t in trajs]) * self.rtg_scale,
-            "timesteps": np.concatenate([np.arange(n) for n in self.lengths]).clip(max=self.max_ep_len - 1),
-        }
+        cat = lambda key: np.concatenate([getattr(e, key) for e in episodes]).astype(np.float32)  # noqa: E731
+        flat = {"states": (cat("observations") - state_mean.astype(np.float32)) / state_std.astype(np.float32),
+                "actions": cat("actions"),
+                "rtg": np.concatenate([returns_to_go(e.rewards) for e in episodes]) * rtg_scale,
+                "timesteps": np.concatenate([np.arange(n) for n in self.lengths]).clip(max=max_ep_len - 1)}
         self._flat = {k: torch.as_tensor(v).to(self.device) for k, v in flat.items()}
 
     def sample_indices(self, batch_size: int, context_len: int, rng: np.random.Generator):
-        """Indices into the flat arrays (B, K) and the valid mask (B, K), left-padded.
-
-        A trajectory is drawn with probability ∝ its length, a start uniformly within it, and up to
-        K steps are taken from there (App. F). Short windows are shifted right: padding on the left.
-        """
-        if self._flat is None:
-            self._rebuild()
+        """Indices into the flat arrays (B, K) and the valid mask (B, K): a trajectory drawn ∝ its length, a start
+        uniformly within it, up to K steps from there (App. F); short windows are left-padded."""
         traj = np.searchsorted(self.cdf, rng.random(batch_size) * self.cdf[-1], side="right")
         traj = np.minimum(traj, len(self.lengths) - 1)
         length = self.lengths[traj]
@@ -580,9 +545,7 @@ class TrajectoryReplay:
         return self.offsets[traj][:, None] + step, valid
 
     def sample(self, batch_size: int, context_len: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        idx, valid = self.sample_indices(batch_size, context_len, rng)
-        idx = torch.as_tensor(idx, device=self.device)
-        valid = torch.as_tensor(valid, device=self.device)
+        idx, valid = (torch.as_tensor(x, device=self.device) for x in self.sample_indices(batch_size, context_len, rng))
         batch = {k: v[idx] for k, v in self._flat.items()}
         batch["states"] = batch["states"] * valid.unsqueeze(-1)  # padded steps are zeros
         batch["actions"] = batch["actions"] * valid.unsqueeze(-1)
@@ -679,28 +642,24 @@ WINDOW_KEYS = ("rtg", "states", "actions", "timesteps", "valid")  # model input 
 
 
 class WindowAgent:
-    """Left-padded K-step contexts for N envs that may sit at different timesteps, so groups branched at
-    different steps act in one forward pass. Same tokens as DTAgent: normalised states, actions and
-    RTG_{t+1} = RTG_t − r_t·scale; the last slot is the current step."""
+    """Left-padded K-step contexts of N envs at different timesteps (groups branched at different steps act in one
+    forward pass); DTAgent's tokens, RTG_{t+1} = RTG_t − r_t·scale; the last slot is the current step."""
 
     def __init__(self, model: DecisionTransformer, n: int, k: int, state_mean, state_std, rtg_scale: float,
                  max_ep_len: int, device: torch.device):
         self.model, self.k, self.rtg_scale, self.max_ep_len, self.device = model, k, rtg_scale, max_ep_len, device
-        self.mean = torch.as_tensor(state_mean, device=device)
-        self.std = torch.as_tensor(state_std, device=device)
+        self.mean, self.std = torch.as_tensor(state_mean, device=device), torch.as_tensor(state_std, device=device)
         s, a = self.mean.shape[0], model.mu_head.out_features
-        self.win = {"states": torch.zeros(n, k, s, device=device), "actions": torch.zeros(n, k, a, device=device),
-                    "rtg": torch.zeros(n, k, device=device), "timesteps": torch.zeros(n, k, dtype=torch.long,
-                                                                                     device=device),
-                    "valid": torch.zeros(n, k, dtype=torch.bool, device=device)}
+        win = {"rtg": torch.zeros(n, k), "states": torch.zeros(n, k, s), "actions": torch.zeros(n, k, a),
+               "timesteps": torch.zeros(n, k, dtype=torch.long), "valid": torch.zeros(n, k, dtype=torch.bool)}
+        self.win = {key: v.to(device) for key, v in win.items()}
 
     def normalise(self, obs) -> torch.Tensor:
         return (torch.as_tensor(obs, device=self.device, dtype=torch.float32) - self.mean) / self.std
 
     def push(self, obs: np.ndarray, rtg: torch.Tensor, t: torch.Tensor) -> None:
         """Append step t (observation, RTG token) to every window; the oldest step drops out."""
-        for key in WINDOW_KEYS:
-            self.win[key] = self.win[key].roll(-1, dims=1)
+        self.win = {key: v.roll(-1, dims=1) for key, v in self.win.items()}
         self.win["states"][:, -1] = self.normalise(obs)
         self.win["actions"][:, -1] = 0.0
         self.win["rtg"][:, -1] = rtg
@@ -720,10 +679,6 @@ class WindowAgent:
     def next_rtg(self, rewards: np.ndarray) -> torch.Tensor:
         r = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
         return self.win["rtg"][:, -1] - r * self.rtg_scale
-
-
-def can_restore(env) -> bool:
-    return hasattr(env.unwrapped, "set_state")
 
 
 def sim_state(env) -> np.ndarray:
@@ -754,7 +709,7 @@ def restore(env, seed: int, state: np.ndarray | None, t: int) -> None:
 def reference_rollout(env, agent: WindowAgent, seed: int, target: float, sample: bool) -> dict[str, np.ndarray]:
     """One episode; records per step the observation, action, RTG token, reward, simulator state and σ²."""
     obs, _ = env.reset(seed=seed)
-    restorable = can_restore(env)
+    restorable = hasattr(env.unwrapped, "set_state")  # MuJoCo: the groups branch from saved states
     rec: dict[str, list] = {k: [] for k in ("obs", "actions", "rtg", "rewards", "sim", "var")}
     rtg, t, done = torch.full((1,), target, device=agent.device), 0, False
     while not done:
@@ -769,17 +724,15 @@ def reference_rollout(env, agent: WindowAgent, seed: int, target: float, sample:
         obs, reward, terminated, truncated, _ = env.step(action[0])
         rec["rewards"].append(float(reward))
         rtg, t, done = agent.next_rtg(np.array([reward])), t + 1, terminated or truncated
-    out = {k: np.asarray(v, np.float64 if k == "sim" else np.float32) for k, v in rec.items()}
     # s_T and RTG_T after the last step, and whether the episode terminated (Q-GRPO's TD targets)
-    out.update(last_obs=np.asarray(obs, np.float32), last_rtg=np.float32(rtg[0]), terminated=bool(terminated))
-    return out
+    return {**{k: np.asarray(v, np.float64 if k == "sim" else np.float32) for k, v in rec.items()},
+            "last_obs": np.asarray(obs, np.float32), "last_rtg": np.float32(rtg[0]), "terminated": bool(terminated)}
 
 
 def branch_points(variance: np.ndarray, n: int, mode: str, rng: np.random.Generator, gap: int = 1) -> np.ndarray:
-    """Active sampling: n steps of the reference, at least `gap` apart, drawn without replacement with
-    probability ∝ the predicted action variance Σσ² ("variance"), taken greedily by variance ("top"; ties:
-    earliest first) or drawn uniformly. When the episode is too short for n points, they repeat (one-step
-    episodes: every group branches at t = 0)."""
+    """Active sampling: n steps of the reference ≥ `gap` apart, drawn without replacement ∝ the predicted action
+    variance Σσ² ("variance"), greedily by variance ("top"; ties: earliest first) or uniformly. Too short an
+    episode repeats its points (one-step episodes: every group branches at t = 0)."""
     weight = np.asarray(variance, np.float64).clip(min=0) + 1e-12
     free = np.ones(len(weight), bool)
     picked: list[int] = []
@@ -800,9 +753,8 @@ def group_advantages(scores: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def reference_windows(agent: WindowAgent, ref: dict, steps: np.ndarray) -> dict[str, torch.Tensor]:
-    """The reference episode's DT window at each of `steps` (its K−1 previous steps, left-padded, then s_t and
-    RTG_t with a zero action slot), exactly what the policy saw when acting there. Step T (after the last
-    action) uses s_T and RTG_T."""
+    """τ_ref's window at each of `steps` (K−1 previous steps, left-padded, then s_t, RTG_t and a zero action slot),
+    exactly what the policy saw when acting there; step T (after the last action): s_T and RTG_T."""
     k, dev = agent.k, agent.device
     obs = np.concatenate((ref["obs"], ref["last_obs"][None]))
     rtg = np.append(ref["rtg"], ref["last_rtg"])
@@ -817,30 +769,28 @@ def reference_windows(agent: WindowAgent, ref: dict, steps: np.ndarray) -> dict[
             "timesteps": torch.as_tensor(hist, device=dev).clamp(max=agent.max_ep_len - 1), "valid": valid}
 
 
-def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t0s: np.ndarray, seed: int,
-                   args: Args) -> dict:
-    """G members per branch point t0: shared reference context up to t0, then L sampled steps recorded
-    as training windows, then up to L_eval mean-action steps; score = return over both parts. With --relabel
-    the continuation runs on to the end of the episode (ODT relabels with the full achieved return-to-go);
-    the score still covers L + L_eval steps; every step is counted."""
-    g, n = args.group_size, len(envs)
-    t0 = np.repeat(t0s, g)  # member i belongs to group i // G
+def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t0s: np.ndarray, seed: int, *,
+                   group_size: int, sub_len: int, cont_len: int, relabel: bool) -> dict:
+    """G members per branch point t0: τ_ref's context up to t0, then L_traj sampled steps (the training windows),
+    then up to L_eval mean-action steps; score R_i = the return of both. With relabel the continuation runs to
+    the episode's end (ODT relabels with the full achieved return-to-go); the score keeps its L_traj + L_eval."""
+    n, t0 = len(envs), np.repeat(t0s, group_size)  # member i belongs to group i // G
     for env, t in zip(envs, t0, strict=True):
         restore(env, seed, ref["sim"][t] if len(ref["sim"]) else None, int(t))
     agent.win = reference_windows(agent, ref, t0)  # the shared context of each group
     t = torch.as_tensor(t0, device=agent.device)
     obs = ref["obs"][t0].copy()
-    scored = args.sub_len + args.cont_len
-    horizon = max(scored, agent.max_ep_len - int(t0.min())) if args.relabel else scored
+    scored = sub_len + cont_len
+    horizon = max(scored, agent.max_ep_len - int(t0.min())) if relabel else scored
     windows: dict[str, list] = {key: [] for key in WINDOW_KEYS}
     active, scores = np.ones(n, bool), np.zeros(n, np.float64)
-    step_valid, rewards = np.zeros((n, args.sub_len), bool), np.zeros((n, horizon), np.float32)
+    step_valid, rewards = np.zeros((n, sub_len), bool), np.zeros((n, horizon), np.float32)
     env_steps = 0
     for j in range(horizon):
         if not active.any():
             break
-        action, _ = agent.act(sample=j < args.sub_len)
-        if j < args.sub_len:
+        action, _ = agent.act(sample=j < sub_len)
+        if j < sub_len:
             for key in WINDOW_KEYS:
                 windows[key].append(agent.win[key].clone())
             step_valid[:, j] = active
@@ -854,7 +804,7 @@ def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t
             scores += r
         t = t + 1
         agent.push(obs, agent.next_rtg(r), t)
-    while len(windows["valid"]) < args.sub_len:  # every member ended early: pad (masked by step_valid)
+    while len(windows["valid"]) < sub_len:  # every member ended early: pad (masked by step_valid)
         for key in WINDOW_KEYS:
             windows[key].append(torch.zeros_like(windows[key][-1]))
     win = {key: torch.stack(v, dim=1) for key, v in windows.items()}  # (N, L, K, ·)
@@ -864,7 +814,7 @@ def rollout_groups(envs: list, agent: WindowAgent, ref: dict[str, np.ndarray], t
 
 
 def concat_groups(parts: list[dict]) -> dict:
-    """Join groups rolled out one after another (main rolls one group at a time to honour budgets)."""
+    """Join groups rolled out one after another (`train` rolls one group at a time to honour budgets)."""
     width = max(p["rewards"].shape[1] for p in parts)
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
     return {"windows": {k: torch.cat([p["windows"][k] for p in parts]) for k in WINDOW_KEYS},
@@ -901,18 +851,19 @@ def step_log_probs(model: DecisionTransformer, win: dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def make_grpo_batch(model, groups: dict, ref: dict, args: Args) -> dict:
-    """Advantages and π_old for a round. π_old is evaluated on the rollout windows (the RTGs the actions
-    were sampled with); π_θ is trained on `windows` — the same tensors unless --relabel."""
+def make_grpo_batch(model, groups: dict, ref: dict, *, group_size: int, adv_eps: float, relabel: bool = False,
+                    rtg_scale: float = 1.0) -> dict:
+    """Advantages Â_i (group_advantages) and π_old for a round. π_old is evaluated on the rollout windows (the
+    RTGs the actions were sampled with); π_θ is trained on `windows`: the same tensors unless relabel."""
     model.eval()
     win, mask = groups["windows"], groups["step_valid"].float()
     old, _, _ = step_log_probs(model, win)
     train_win = dict(win)
-    if args.relabel:
-        train_win["rtg"] = relabeled_rtg(groups, ref, win["valid"].shape[2], args.rtg_scale).to(mask.device)
-    scores = groups["scores"].view(-1, args.group_size)
+    if relabel:
+        train_win["rtg"] = relabeled_rtg(groups, ref, win["valid"].shape[2], rtg_scale).to(mask.device)
+    scores = groups["scores"].view(-1, group_size)
     return {"windows": train_win, "mask": mask, "old_log_prob": old * mask,
-            "advantages": group_advantages(scores, args.adv_eps).flatten(),
+            "advantages": group_advantages(scores, adv_eps).flatten(),
             "group_return_std": scores.std(-1, unbiased=False).mean()}
 
 
@@ -923,53 +874,57 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return total if mode == "joint" else total / mask.sum(1).clamp(min=1)
 
 
-def grpo_losses(model, ref_model, log_temperature, batch: dict, idx: torch.Tensor, args: Args):
-    """Clipped surrogate on the sequence ratio ρ_i of member i (`sequence_log_ratio`), one advantage per member."""
+def grpo_losses(model, ref_model, log_temperature, batch: dict, idx: torch.Tensor, *, ratio: str, clip_eps: float,
+                max_log_ratio: float, entropy_coef: float | None, kl_coef: float, target_entropy: float):
+    """GRPO's objective (arXiv 2402.03300 eq. 3) on sub-trajectories: the PPO-clipped surrogate (arXiv 1707.06347
+    eq. 7) of member i's sequence ratio ρ_i (`sequence_log_ratio`) times its one advantage Â_i, an entropy bonus
+    (λ of ODT eq. 7, or entropy_coef), optionally kl_coef · k3 KL to π_ref (arXiv 2402.03300 eq. 4)."""
     win = {key: v[idx] for key, v in batch["windows"].items()}
     mask, adv = batch["mask"][idx], batch["advantages"][idx]
     logp, mu, log_std = step_log_probs(model, win)
-    raw = sequence_log_ratio(logp, batch["old_log_prob"][idx], mask, args.ratio)
-    log_ratio = raw.clamp(-args.max_log_ratio, args.max_log_ratio)
-    ratio = log_ratio.exp()
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * adv)  # PPO clip
+    raw = sequence_log_ratio(logp, batch["old_log_prob"][idx], mask, ratio)
+    rho = raw.clamp(-max_log_ratio, max_log_ratio).exp()
+    surrogate = torch.min(rho * adv, rho.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # PPO clip
     pg_loss = -surrogate.mean()
     # members whose term still has a gradient (the unclipped branch of the min, A ≠ 0)
-    live = (adv != 0) & ~((adv > 0) & (ratio > 1 + args.clip_eps)) & ~((adv < 0) & (ratio < 1 - args.clip_eps))
+    live = (adv != 0) & ~((adv > 0) & (rho > 1 + clip_eps)) & ~((adv < 0) & (rho < 1 - clip_eps))
     n_valid = mask.sum().clamp(min=1)
     _, sample_log_prob = tanh_normal_rsample(mu, log_std)
     entropy = -(sample_log_prob.view_as(mask) * mask).sum() / n_valid  # one-sample estimate, as in pretraining
     temperature = log_temperature.exp()
-    coef = temperature.detach() if args.entropy_coef is None else args.entropy_coef
+    coef = temperature.detach() if entropy_coef is None else entropy_coef
     loss = pg_loss - coef * entropy
     kl_ref = torch.zeros((), device=mask.device)
-    if args.kl_coef > 0:  # k3 estimator of KL(π_θ ‖ π_ref) on the taken actions
+    if kl_coef > 0:  # k3 estimator of KL(π_θ ‖ π_ref) on the taken actions
         with torch.no_grad():
             ref_logp = step_log_probs(ref_model, win)[0]
         d = ref_logp - logp
         kl_ref = ((d.exp() - d - 1) * mask).sum() / n_valid
-        loss = loss + args.kl_coef * kl_ref
-    temperature_loss = temperature * (entropy - args.target_entropy).detach()
+        loss = loss + kl_coef * kl_ref
+    dual_loss = temperature * (entropy - target_entropy).detach()  # ODT's dual loss of log λ, continued
     with torch.no_grad():  # k3 estimate of KL(π_old ‖ π_θ) of the joint sub-trajectory, whatever --ratio is
-        joint = sequence_log_ratio(logp, batch["old_log_prob"][idx], mask, "joint").clamp(max=args.max_log_ratio)
+        joint = sequence_log_ratio(logp, batch["old_log_prob"][idx], mask, "joint").clamp(max=max_log_ratio)
         approx_kl = (joint.exp() - 1 - joint).mean()
     stats = {"train/policy_loss": pg_loss, "train/entropy": entropy, "train/temperature": temperature,
-             "train/ratio_mean": ratio.mean(), "train/ratio_max": ratio.max(),
-             "train/clip_fraction": ((ratio - 1).abs() > args.clip_eps).float().mean(),
+             "train/ratio_mean": rho.mean(), "train/ratio_max": rho.max(),
+             "train/clip_fraction": ((rho - 1).abs() > clip_eps).float().mean(),
              "train/approx_kl": approx_kl, "train/kl_ref": kl_ref, "train/advantage_abs": adv.abs().mean(),
              "train/live_fraction": live.float().mean(), "train/effective_update": live.any().float()}
-    return loss, temperature_loss, stats
+    return loss, dual_loss, stats
 
 
-def grpo_update(model, ref_model, optimizer, log_temperature, temperature_optimizer, batch, idx, args):
-    model.train(args.online_dropout)
-    loss, temperature_loss, stats = grpo_losses(model, ref_model, log_temperature, batch, idx, args)
+def grpo_update(model, ref_model, optimizer, log_temperature, temperature_optimizer, batch, idx, *, grad_clip: float,
+                dropout: bool, **coefficients):
+    """A gradient step on grpo_losses (its `coefficients` by name); λ's dual step unless entropy_coef is fixed."""
+    model.train(dropout)
+    loss, dual_loss, stats = grpo_losses(model, ref_model, log_temperature, batch, idx, **coefficients)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    if args.entropy_coef is None:  # keep ODT's dual update of λ (entropy ≥ β)
+    if coefficients["entropy_coef"] is None:  # keep ODT's dual update of λ (entropy ≥ β)
         temperature_optimizer.zero_grad(set_to_none=True)
-        temperature_loss.backward()
+        dual_loss.backward()
         temperature_optimizer.step()
     return {k: v.detach() for k, v in stats.items()}
 
@@ -1028,10 +983,9 @@ class CriticReplay:
         return {k: v[idx.to(v.device)] for k, v in self.data.items()}
 
 
-def critic_update(critic, critic_target, critic_optimizer, model, batch: dict, args: Args) -> torch.Tensor:
-    """TD3 critic step (Fujimoto et al., 2018, arXiv 1802.09477, Alg. 1): y = r + γ(1−d)·min Q'(s', ã'), with
-    ã' = tanh(μ_θ(window')) + clip(N(0, 0.2²), ±0.5). The target policy is the DT's mean action, so Q scores an
-    action followed by the mean-action policy, as the group returns do (L sampled + L_eval mean steps)."""
+def critic_update(critic, critic_target, critic_optimizer, model, batch: dict, *, gamma: float, tau: float):
+    """TD3 critic step (arXiv 1802.09477 Alg. 1): y = r + γ(1−d)·min Q'(s', ã'), ã' = tanh(μ_θ(window')) + clip(N(0,
+    0.2²), ±0.5): the DT's mean action is the target policy, so Q scores an action then mean actions, as R_i does."""
     with torch.no_grad():
         model.eval()
         nxt = [batch[f"next_{k}"] for k in WINDOW_KEYS]
@@ -1039,13 +993,13 @@ def critic_update(critic, critic_target, critic_optimizer, model, batch: dict, a
         noise = (0.2 * torch.randn_like(mu)).clamp(-0.5, 0.5)
         next_action = (torch.tanh(mu) + noise).clamp(-1, 1)
         q1_t, q2_t = critic_target(batch["next_states"][:, -1], next_action)
-        y = batch["rewards"] + args.gamma * (1 - batch["dones"]) * torch.min(q1_t, q2_t)
+        y = batch["rewards"] + gamma * (1 - batch["dones"]) * torch.min(q1_t, q2_t)
     q1, q2 = critic(batch["states"], batch["actions"])
     loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
     critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     critic_optimizer.step()
-    polyak_update(critic_target, critic, args.tau)
+    polyak_update(critic_target, critic, tau)
     return loss.detach()
 
 
@@ -1060,46 +1014,8 @@ def critic_groups(model, critic, agent: WindowAgent, ref: dict, t0s: np.ndarray,
     actions = tanh_normal_rsample(mu, log_std)[0]
     win["actions"][:, -1] = actions
     scores = torch.min(*critic(win["states"][:, -1], actions))
-    n = len(t0)
-    return {"windows": {k: v[:, None] for k, v in win.items()},
-            "step_valid": torch.ones(n, 1, dtype=torch.bool, device=agent.device), "scores": scores,
-            "rewards": np.zeros((n, 1), np.float32), "t0": t0, "env_steps": 0}
-
-
-# ALGO LOGIC: data and GRPO checks, before a run folder exists
-def is_one_step(data: OfflineData) -> bool:
-    """Every episode a single step (the papers' toys, under any id): one start state, so a reset is a restore."""
-    return bool(data.episodes) and all(len(e.rewards) == 1 for e in data.episodes)
-
-
-def load_and_check(args: Args) -> tuple[Args, OfflineData, bool]:
-    """Load the data, fill the defaults and check the GRPO settings and the env; returns (args, data,
-    use_critic). Called before the run folder exists, so a refused start leaves nothing behind."""
-    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
-    args = apply_dataset_defaults(args, data)
-    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("group_size", "sub_len", "groups_per_round",
-                                                                    "grpo_epochs") if getattr(args, k) < 1]
-    bad += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("cont_len", "grpo_minibatch", "branch_gap")
-            if (getattr(args, k) or 0) < 0]
-    if bad or args.group_size < 2:
-        raise UserError(f"Invalid GRPO settings ({', '.join(bad) or f'--group-size {args.group_size}'}): group "
-                        f"size must be ≥ 2 (advantages are normalised within a group), lengths and counts ≥ 1, "
-                        f"--cont-len, --grpo-minibatch and --branch-gap ≥ 0.")
-    env = data.make_env()
-    restorable = can_restore(env) or is_one_step(data)  # one start state: a reset is the restore
-    env.close()
-    use_critic = args.advantage == "critic" or (args.advantage == "auto" and not restorable)
-    if args.advantage == "group" and not restorable:
-        raise UserError(f"--advantage group branches each group from a saved simulator state, but the env of "
-                        f"'{args.env_id}' has no set_state(qpos, qvel) and its episodes are longer than one step. "
-                        f"Use --advantage critic (Q-GRPO) or auto.")
-    if use_critic and args.relabel:
-        raise UserError("--relabel relabels group rollouts with their achieved returns; Q-GRPO (--advantage "
-                        "critic, or an env without set_state) has none. Drop one of the two.")
-    if args.min_steps_per_round is not None or args.updates_per_round != Args.updates_per_round:
-        print("warning: --min-steps-per-round / --updates-per-round are ODT's; dt_grpo.py ignores them (a round is "
-              "--groups-per-round groups; updates per round = --grpo-epochs × minibatches).", file=sys.stderr)
-    return args, data, use_critic
+    return {"windows": {k: v[:, None] for k, v in win.items()}, "step_valid": torch.ones_like(win["valid"][:, -1:]),
+            "scores": scores, "rewards": np.zeros((len(t0), 1), np.float32), "t0": t0, "env_steps": 0}
 
 
 # TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
@@ -1113,315 +1029,58 @@ def online_episode_seed(seed: int, round_: int, index: int = 0) -> int:
     return seed * 1_000_003 + round_ * 1000 + index
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-class NonFiniteLossError(UserError):
-    pass
-
-
-class RunFinished(Exception):
-    """--resume of a run that has already finished: nothing to do."""
-
-
-EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def apply_preset(args: Args, typed: set[str] | None) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
-    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
-    if args.preset == "paper":
-        return args
-    if typed is None:
-        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
-    for key, value in changed.items():
-        setattr(args, key, value)
-    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    return args
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
-    writable: a probe file is created and removed, which also catches read-only file systems."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
-                        f"or make {existing} writable.") from None
-
-
-def check_video_support() -> None:
-    """--capture-video needs imageio and imageio-ffmpeg: checked before any work, not after training."""
-    try:
-        import imageio.v2  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"--capture-video needs imageio and imageio-ffmpeg ({exc}). Install them with "
-                        "pip install -e '.[video]', or run without --capture-video.") from None
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders off-screen through EGL
-
-
-def validate_args(args: Args) -> None:
-    """Budgets and sizes, checked before the dataset is loaded."""
-    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
-                and getattr(args, name) < low}
-    if at_least:
-        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
-                                                     for k, v in at_least.items()) + ".")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
-    if args.embed_dim is not None and args.embed_dim % args.n_heads:
-        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
-                        f"({args.n_heads}).")
-    if args.capture_video:
-        check_video_support()
-
-
-class RunLogger:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
-        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            lines = [line for line in self.path.read_text().splitlines() if line]
-            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
-                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
-            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
-            self.rows = len(rows)
-        self.file = self.path.open("a")
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
-                                    dir=str(run_dir))
-
-    def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.rows += 1
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["global_step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
-    script = Path(__file__).name
-    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
-        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        check_writable(run_dir, "the run folder")
-        return args, run_dir, None
-    run_dir = Path(args.resume)
-    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file():
-        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
-                        f"(runs/<env>__<exp>__<seed>__<time>/).")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != script:
-        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
-                        f"not {script}. Resume it with that script.")
-    if (run_dir / "summary.json").is_file():
-        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
-                          f"Start a new run to train again.")
-    check_writable(run_dir, "checkpoints and metrics")
-    if not ckpt_path.is_file():
-        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
-                        f"or was started with --no-save-model). Start a new run instead.")
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
-    saved.resume, saved.progress = args.resume, args.progress
-    (run_dir / "STOPPED").unlink(missing_ok=True)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
-    return saved, run_dir, checkpoint
-
-
-def start_run_folder(run_dir: Path, config: dict) -> None:
-    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
-    if not (run_dir / "config.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def mark_stopped(run_dir: Path, counters: dict) -> None:
-    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
-    command = resume_command(sys.argv[0], run_dir)
-    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
-                                     f"continue with:\n  {command}\n")
-    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Atomic (staging file + rename): a crash or a full disk never leaves a half-written checkpoint."""
-    try:
-        atomic_save(state, run_dir / "checkpoint.pt")
-    except OSError as exc:  # e.g. ENOSPC: stop with one message, the last checkpoint still resumes
-        raise UserError(checkpoint_write_failure(run_dir, exc, sys.argv[0])) from None
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-
-class StatsMeter:
-    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
-    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
-
-    def __init__(self):
-        self.keys: list[str] = []
-        self.sum: torch.Tensor | None = None
-        self.n, self.seconds = 0, 0.0
-
-    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
-        self.keys = list(stats)
-        vec = torch.stack([stats[k].float() for k in self.keys])
-        self.sum = vec if self.sum is None else self.sum + vec
-        self.n, self.seconds = self.n + 1, self.seconds + seconds
-
-    def updates_per_second(self) -> float:
-        return self.n / max(self.seconds, 1e-9)
-
-    def pop(self) -> dict[str, float]:
-        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
-        self.sum, self.n, self.seconds = None, 0, 0.0
-        return means
-
-    def state_dict(self) -> dict:
-        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
-
-
-def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
-    """What the whole run costs on this device at this size, from the time of the first few updates."""
-    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
-        f"{n * seconds_per_update / 60:.3g} min"
-    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
-           f"{hours(args.pretrain_updates)}"
-    if online_updates:
-        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
-    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
-        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
-    print(text + ".")
-
-
-def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
-    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    if bad:
-        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
-                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
-                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
-                "with a lower --learning-rate or --grad-clip")
-        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
-                                 f"Training stopped: {kept}.")
-
-
 def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None,
                                                               bool]:
-    """Flags, seeds, device, dataset and GRPO checks, then the run folder: a refused start leaves nothing behind.
-    Returns (args, data, device, run_dir, checkpoint or None, use_critic)."""
-    validate_args(args)
-    args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args, typed) if checkpoint is None else args
+    """Flags, seeds, device, dataset, defaults, the GRPO settings and the env, then the run folder (a refused start
+    leaves nothing behind); the checkpoint to resume from (None: a new run); whether Q-GRPO's critic is used."""
+    run.validate_args(args, VALID_MIN)
+    args, run_dir, checkpoint = run.prepare_run(args, Path(__file__).name)
+    args = run.apply_preset(args, typed, PRESETS) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = pick_device(args.cuda, typed)
-    args.precision = resolve_precision(args.precision, device)
-    args, data, use_critic = load_and_check(args)  # before the folder exists
-    validate_args(args)
-    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device),
-                               "advantage": "critic" if use_critic else "group"})
-    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device} ({args.precision}), advantages from "
-          f"{'a twin-Q critic (Q-GRPO)' if use_critic else 'group returns'}, run folder {run_dir}")
+    device = run.pick_device(args.cuda, typed)
+    args.precision = run.resolve_precision(args.precision, device)
+    data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
+    args = apply_dataset_defaults(args, data)
+    run.validate_args(args, VALID_MIN)  # the GRPO settings too, now that their defaults are in
+    env = data.make_env()
+    restorable = hasattr(env.unwrapped, "set_state") or is_one_step(data)  # one start state: a reset restores
+    env.close()
+    use_critic = args.advantage == "critic" or (args.advantage == "auto" and not restorable)
+    if args.advantage == "group" and not restorable:
+        raise run.UserError(f"--advantage group branches each group from a saved simulator state, but the env of "
+                            f"'{args.env_id}' has no set_state(qpos, qvel) and its episodes are longer than one "
+                            f"step. Use --advantage critic (Q-GRPO) or auto.")
+    if use_critic and args.relabel:
+        raise run.UserError("--relabel relabels group rollouts with their achieved returns; Q-GRPO (--advantage "
+                            "critic, or an env without set_state) has none. Drop one of the two.")
+    if args.min_steps_per_round is not None or args.updates_per_round != Args.updates_per_round:
+        print("warning: --min-steps-per-round / --updates-per-round are ODT's; dt_grpo.py ignores them (a round is "
+              "--groups-per-round groups; updates per round = --grpo-epochs × minibatches).", file=sys.stderr)
+    run.start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args),
+                                   "dataset": data.source, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
+                                   "device": str(device), "advantage": "critic" if use_critic else "group"})
+    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, device {device} "
+          f"({args.precision}), advantages from {'a twin-Q critic (Q-GRPO)' if use_critic else 'group returns'}, "
+          f"run folder {run_dir}")
     return args, data, device, run_dir, checkpoint, use_critic
 
 
-class Interval:
-    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
-
-    def __init__(self, every: int, start: int):
-        self.every, self.last = every, start // every
-
-    def due(self, n: int) -> bool:
-        if n // self.every <= self.last:
-            return False
-        self.last = n // self.every
-        return True
-
-
 class Trainer:
-    """The run: model, optimisers, the offline replay, the frozen pretrained policy, the Q-GRPO critic, counters,
-    the GRPO round in progress, the metrics meter and logger. `state_dict()` is the checkpoint."""
+    """The run state: model, optimisers, offline data, the frozen pretrained policy π_ref, the Q-GRPO critic, the
+    loop's position (`counters`; `round_state`, the round in progress) and metrics; `state_dict()` is the checkpoint."""
 
     def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, *, use_critic: bool,
                  checkpoint: dict | None):
         self.args, self.data, self.device, self.run_dir, self.use_critic = args, data, device, run_dir, use_critic
-        self.rng = np.random.default_rng(args.seed)
+        self.rng = np.random.default_rng(args.seed)  # window sampling, branch points, minibatches, critic batches
         self.eval_envs = make_vector_env(data.make_env, args.eval_episodes)
         self.reference_env = data.make_env()
         self.member_envs = [data.make_env() for _ in range(0 if use_critic else args.group_size)]
         self.max_ep_len = self.eval_envs.envs[0].spec.max_episode_steps or 1000
-        # ALGO LOGIC: model, optimisers, replay
+        # ALGO LOGIC: model, optimisers, offline data, π_ref, the Q-GRPO critic
         self.model = DecisionTransformer(
             data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers, n_heads=args.n_heads,
             dropout=args.dropout, max_ep_len=self.max_ep_len, use_timestep_embedding=args.use_timestep_embedding,
@@ -1431,66 +1090,56 @@ class Trainer:
         self.log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
         self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr,
                                                       betas=(0.9, 0.999))
-        self.offline = TrajectoryReplay(len(data.episodes), state_mean=data.state_mean, state_std=data.state_std,
-                                        rtg_scale=args.rtg_scale, max_ep_len=self.max_ep_len,
-                                        device=device)  # pretraining samples all offline data
-        for episode in data.episodes:
-            self.offline.add(episode)
-        # GRPO is on-policy: each round's groups are used for its updates and dropped (no online replay).
+        self.offline = OfflineWindows(data.episodes, state_mean=data.state_mean, state_std=data.state_std,
+                                      rtg_scale=args.rtg_scale, max_ep_len=self.max_ep_len, device=device)
         self.online_optimizer = torch.optim.Adam(self.model.parameters(), lr=args.online_learning_rate)
         self.ref_model: DecisionTransformer | None = None  # frozen pretrained policy (KL anchor), after pretraining
         self.critic = Critic(data.obs_dim, data.act_dim, hidden=256, layer_norm=False).to(device)  # Q-GRPO only
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
         self.critic_replay = CriticReplay(args.critic_buffer)
+        # The loop's position; round_state: τ_ref, the branch points still to roll, the groups, the minibatches left
         self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False}
-        self.meter = StatsMeter()
-        # The round in progress (reference episode, groups collected so far, then the minibatches still to train
-        # on): part of the checkpoint, so a stop inside a round resumes it exactly. Empty between rounds.
         self.round_state: dict = {}
+        self.meter = run.StatsMeter()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                self.counters.get("metrics_rows"))
-        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
-        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                    self.counters.get("metrics_rows"))
+        self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = run.Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final, self.final_at = {}, -1  # the latest evaluation's metrics and the update it was taken at
         self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
-    # --- checkpoint --------------------------------------------------------------------------------------------
+    # A checkpoint: these objects' state_dict(), log λ, π_ref, the Q-GRPO critic, the loop's position, the RNG states
+    STATE = ("model", "optimizer", "scheduler", "temperature_optimizer", "online_optimizer", "meter")
+
     def state_dict(self) -> dict:
         critic = None if not self.use_critic else {
             "critic": self.critic.state_dict(), "target": self.critic_target.state_dict(),
             "optimizer": self.critic_optimizer.state_dict(), "replay": dict(self.critic_replay.__dict__)}
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
-                "temperature_optimizer": self.temperature_optimizer.state_dict(),
-                "online_optimizer": self.online_optimizer.state_dict(),
+        return {**{key: getattr(self, key).state_dict() for key in self.STATE}, "counters": dict(self.counters),
+                "log_temperature": self.log_temperature.detach().cpu(), "rng": run.rng_state(self.rng),
                 "reference_model": None if self.ref_model is None else self.ref_model.state_dict(),
-                "critic": critic, "counters": dict(self.counters), "meter": self.meter.state_dict(),
-                "round_state": self.round_state, "rng": rng_state(self.rng)}
+                "critic": critic, "round_state": self.round_state}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_state_dict(self, checkpoint: dict) -> None:
+        for key in self.STATE:
+            getattr(self, key).load_state_dict(checkpoint[key])
         with torch.no_grad():
-            self.log_temperature.copy_(state["log_temperature"])
-        self.temperature_optimizer.load_state_dict(state["temperature_optimizer"])
-        self.online_optimizer.load_state_dict(state["online_optimizer"])
-        if state["reference_model"] is not None:
+            self.log_temperature.copy_(checkpoint["log_temperature"])
+        if checkpoint["reference_model"] is not None:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-            self.ref_model.load_state_dict(state["reference_model"])
-        if state.get("critic") is not None:
-            self.critic.load_state_dict(state["critic"]["critic"])
-            self.critic_target.load_state_dict(state["critic"]["target"])
-            self.critic_optimizer.load_state_dict(state["critic"]["optimizer"])
-            self.critic_replay.__dict__.update(state["critic"]["replay"])
-        self.counters.update(state["counters"])
-        self.meter.load_state_dict(state["meter"])
-        self.round_state = state["round_state"]
-        restore_rng_state(self.rng, state["rng"])
+            self.ref_model.load_state_dict(checkpoint["reference_model"])
+        if checkpoint["critic"] is not None:
+            self.critic.load_state_dict(checkpoint["critic"]["critic"])
+            self.critic_target.load_state_dict(checkpoint["critic"]["target"])
+            self.critic_optimizer.load_state_dict(checkpoint["critic"]["optimizer"])
+            self.critic_replay.__dict__.update(checkpoint["critic"]["replay"])
+        self.counters.update(checkpoint["counters"])
+        self.round_state = checkpoint["round_state"]
+        run.restore_rng_state(self.rng, checkpoint["rng"])
         print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
               f"env step {self.counters['env_steps']}")
 
@@ -1498,278 +1147,200 @@ class Trainer:
         self.counters["wall_time_s"] = time.time() - self.start_time
         self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
         if self.args.save_model:
-            save_checkpoint(self.run_dir, self.state_dict())
+            run.save_checkpoint(self.run_dir, self.state_dict())
 
-    # --- shared steps ------------------------------------------------------------------------------------------
+    def eval_agent(self) -> DTAgent:
+        """Evaluation acts with the mean action tanh(μ), conditioned on g_eval."""
+        return DTAgent(self.model, self.args, state_mean=self.data.state_mean, state_std=self.data.state_std,
+                       target_return=self.args.g_eval, sample=False, device=self.device, max_ep_len=self.max_ep_len)
+
     def evaluate(self) -> dict:
-        agent = DTAgent(self.model, self.args, state_mean=self.data.state_mean, state_std=self.data.state_std,
-                        target_return=self.args.g_eval, sample=False, device=self.device, max_ep_len=self.max_ep_len)
         seeds = eval_seeds(self.args.seed, self.args.eval_episodes)  # same every evaluation
-        return evaluate(self.eval_envs, agent, seeds, self.data.normalized_score)
+        return evaluate(self.eval_envs, self.eval_agent(), seeds, self.data.normalized_score)
 
-    def row(self) -> dict:
-        return {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
-                "rounds": self.counters["rounds"]}
-
-    def log_row(self, extra: dict) -> None:
-        """A metrics row: the counters, the mean of the training statistics since the last row, then `extra`."""
-        stats = self.meter.pop()
-        check_finite(stats, self.counters, self.run_dir)
-        self.logger.log({**self.row(), **stats, **extra})
-
-    def train_step(self) -> dict:
-        """One ODT update on an offline batch (pretraining)."""
+    def train_step(self, source: OfflineWindows) -> None:
+        """Alg. 2 lines 4-9: a batch of windows from `source`, one gradient update of θ and log λ (eq. 7)."""
         t0 = time.perf_counter()
         stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                        log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
-                       batch=self.offline.sample(self.args.batch_size, self.args.context_len, self.rng), args=self.args)
-        return self.count_update(stats, t0)
+                       batch=source.sample(self.args.batch_size, self.args.context_len, self.rng), args=self.args)
+        self.counters["updates"] += 1
+        self.meter.add(stats, time.perf_counter() - t0)
+
+    def log_row(self, extra: dict, checkpoint: bool = False) -> None:
+        """A metrics row (the loop's position, the mean training statistics since the last row, `extra`)."""
+        at, stats = self.counters, self.meter.pop()
+        run.check_finite(stats, at, self.run_dir)
+        self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"], **stats,
+                         **extra})
+        if checkpoint:
+            self.save_checkpoint()
+
+    def log_pretraining(self) -> None:
+        """A metrics row every --log-interval updates (and after the first and the last), with a checkpoint when
+        one is due; the cost estimate after three updates (past the first calls' warm-up)."""
+        args, n = self.args, self.counters["updates"]
+        if n == 3 and not self.resumed:  # rounds ≥ online_steps / (groups × G × (L_traj + L_eval)) env steps
+            members = args.groups_per_round * args.group_size
+            rounds = args.online_steps / (members * (args.sub_len + args.cont_len))
+            updates = rounds * args.grpo_epochs * math.ceil(members / (args.grpo_minibatch or members))
+            run.print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, updates)
+        if n % args.log_interval == 0 or n in (1, args.pretrain_updates):
+            self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()},
+                         checkpoint=self.checkpoints.due(n))
+
+    # ALGO LOGIC: the steps of a GRPO round (arXiv 2601.00167), in the order `train` takes them
+    def window_agent(self, n: int) -> WindowAgent:
+        return WindowAgent(self.model, n, self.args.eval_context_len, self.data.state_mean, self.data.state_std,
+                           self.args.rtg_scale, self.max_ep_len, self.device)
+
+    def count_steps(self, n: int, since: float) -> None:
+        """Count a rollout's env steps and time (SPS); evaluate once an --eval-interval boundary is crossed."""
+        at, rnd = self.counters, self.round_state
+        rnd["rollout_time"] = rnd.get("rollout_time", 0.0) + time.perf_counter() - since
+        at["env_steps"] += n
+        if self.evaluations.due(at["env_steps"]):
+            self.final, self.final_at = self.evaluate(), at["updates"]
+            self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"],
+                             "phase": "online", **self.final})
+
+    def qgrpo_groups(self, agent: WindowAgent) -> None:
+        """Q-GRPO: τ_ref's transitions train the critic (TD3, --critic-updates-per-step per env step); after
+        --critic-warmup env steps, each branch point's group is G actions from π_old scored by min(Q1, Q2)."""
+        args, rnd = self.args, self.round_state
+        self.critic_replay.add_episode(agent, rnd["ref"])
+        n_updates = max(1, round(len(rnd["ref"]["rewards"]) * args.critic_updates_per_step))
+        losses = [critic_update(self.critic, self.critic_target, self.critic_optimizer, self.model,
+                                self.critic_replay.sample(args.batch_size, self.rng), gamma=args.gamma, tau=args.tau)
+                  for _ in range(n_updates)]
+        rnd["critic_loss"] = float(torch.stack(losses).mean())
+        if self.counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
+            rnd["parts"].append(critic_groups(self.model, self.critic, agent, rnd["ref"], rnd["t0s"], args.group_size))
 
     def grpo_step(self, idx: torch.Tensor) -> dict:
-        """One GRPO update on the members `idx` of the round's batch."""
-        t0 = time.perf_counter()
-        stats = grpo_update(self.model, ref_model=self.ref_model, optimizer=self.online_optimizer,
-                            log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
-                            batch=self.round_state["batch"], idx=idx, args=self.args)
-        return self.count_update(stats, t0)
-
-    def count_update(self, stats: dict, t0: float) -> dict:
+        """Step (5): one GRPO update on the members `idx` of the round's batch; the hyperparameters it reads."""
+        args, t0 = self.args, time.perf_counter()
+        stats = grpo_update(self.model, self.ref_model, self.online_optimizer, self.log_temperature,
+                            self.temperature_optimizer, self.round_state["batch"], idx, ratio=args.ratio,
+                            clip_eps=args.clip_eps, max_log_ratio=args.max_log_ratio, entropy_coef=args.entropy_coef,
+                            kl_coef=args.kl_coef, target_entropy=args.target_entropy, grad_clip=args.grad_clip,
+                            dropout=args.online_dropout)
+        self.round_state["effective"] += float(stats["train/effective_update"])  # its objective still had a gradient
         self.counters["updates"] += 1
         self.meter.add(stats, time.perf_counter() - t0)
         return stats
 
-    # --- offline pretraining (ODT, arXiv 2202.05607 Alg. 1 lines 1-3) ------------------------------------------
-    def pretrain(self, stop: StopFlag) -> None:
-        """ODT updates on the offline data (the first row after one update), then one evaluation."""
-        args, counters = self.args, self.counters
-        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-        while counters["updates"] < args.pretrain_updates and not stop.requested:
-            self.train_step()
-            bar.update(1)
-            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
-                self.print_cost_estimate()
-            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
-                if self.checkpoints.due(counters["updates"]):
-                    self.save_checkpoint()
-        bar.close()
-        if not stop.requested and not counters["pretrain_evaluated"]:
-            metrics = self.evaluate()
-            counters["pretrain_evaluated"] = True
-            self.log_row({"phase": "pretrain", **metrics})
-            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
-            self.save_checkpoint()
-
-    def print_cost_estimate(self) -> None:
-        """rounds ≥ online_steps / (groups × G × (L + L_eval)) env steps; grpo_epochs × minibatches updates each."""
-        args = self.args
-        members = args.groups_per_round * args.group_size
-        rounds = args.online_steps / (members * (args.sub_len + args.cont_len))
-        online = rounds * args.grpo_epochs * math.ceil(members / (args.grpo_minibatch or members))
-        print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, online)
-
-    # --- online finetuning with GRPO only (arXiv 2601.00167) ---------------------------------------------------
-    def finetune(self, stop: StopFlag) -> None:
-        """GRPO rounds until --online-steps: reference episode, groups (one at a time), then grpo_epochs ×
-        minibatch updates. A stop request is honoured between two groups or two updates (`round_state`)."""
-        if self.ref_model is None and not stop.requested:  # the KL anchor is the fully pretrained policy
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.bar = tqdm(total=self.args.online_steps, initial=min(self.counters["env_steps"], self.args.online_steps),
-                        desc="finetuning", disable=not self.args.progress or stop.requested, unit="step",
-                        dynamic_ncols=True)
-        while not stop.requested:
-            if not self.round_state:
-                if self.counters["env_steps"] >= self.args.online_steps:
-                    break
-                self.start_round()
-            if "perms" not in self.round_state:
-                if not self.collect_groups(stop):
-                    break  # stopped between two groups
-                self.plan_updates()
-            if not self.train_round(stop):
-                break  # stopped between two updates
-            self.end_round()
-        self.bar.close()
-
-    def window_agent(self, n: int) -> WindowAgent:
-        return WindowAgent(self.model, n, k=self.args.eval_context_len, state_mean=self.data.state_mean,
-                           state_std=self.data.state_std, rtg_scale=self.args.rtg_scale, max_ep_len=self.max_ep_len,
-                           device=self.device)
-
-    def count_steps(self, n: int) -> None:
-        """Count env steps; evaluate as soon as an --eval-interval boundary is crossed (within one group)."""
-        self.counters["env_steps"] += n
-        self.bar.update(n)
-        if self.evaluations.due(self.counters["env_steps"]):
-            t_eval = time.perf_counter()
-            self.final, self.final_at = self.evaluate(), self.counters["updates"]
-            self.logger.log({**self.row(), "phase": "online", **self.final})
-            self.round_state["eval_time"] += time.perf_counter() - t_eval
-
-    def start_round(self) -> None:
-        """The reference episode (steps 1-2), its branch points drawn ∝ the predicted action variance; Q-GRPO:
-        the critic's updates on it and, after the warm-up, all of the round's groups at once (Fig. 3c)."""
-        args, state = self.args, self.round_state
-        t_ref = time.perf_counter()
-        state.update(eval_time=0.0, rollout_time=0.0, parts=[], next_group=0, critic_loss=float("nan"))
-        episode_seed = online_episode_seed(args.seed, self.counters["rounds"])
-        ref_agent = self.window_agent(1)
-        ref = reference_rollout(self.reference_env, ref_agent, episode_seed, args.g_online * args.rtg_scale,
-                                sample=args.reference_sample or self.use_critic)  # Q-GRPO learns from samples
-        state["rollout_time"] += time.perf_counter() - t_ref
-        self.count_steps(len(ref["rewards"]))
-        gap = args.sub_len if args.branch_gap is None else args.branch_gap
-        t0s = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, self.rng, gap=gap)
-        state.update(ref=ref, t0s=t0s, episode_seed=episode_seed)
-        if self.use_critic:
-            self.critic_replay.add_episode(ref_agent, ref)
-            n_updates = max(1, round(len(ref["rewards"]) * args.critic_updates_per_step))
-            losses = [critic_update(self.critic, critic_target=self.critic_target,
-                                    critic_optimizer=self.critic_optimizer, model=self.model,
-                                    batch=self.critic_replay.sample(args.batch_size, self.rng), args=args)
-                      for _ in range(n_updates)]
-            state["critic_loss"] = float(torch.stack(losses).mean())
-            if self.counters["env_steps"] >= min(args.critic_warmup, args.online_steps):
-                state["parts"].append(critic_groups(self.model, self.critic, ref_agent, ref, t0s, g=args.group_size))
-            state["next_group"] = len(t0s)
-
-    def collect_groups(self, stop: StopFlag) -> bool:
-        """Step 3: the groups still to roll, one at a time so budgets hold to within one group. False if stopped."""
-        state, t0s = self.round_state, self.round_state["t0s"]
-        t_collect = time.perf_counter()
-        while state["next_group"] < len(t0s) and not stop.requested:
-            if self.counters["env_steps"] >= self.args.online_steps:
-                state["next_group"] = len(t0s)
-                break
-            t0 = t0s[state["next_group"]]
-            state["parts"].append(rollout_groups(self.member_envs, self.window_agent(self.args.group_size),
-                                                 state["ref"], t0[None], seed=state["episode_seed"], args=self.args))
-            state["next_group"] += 1
-            self.count_steps(state["parts"][-1]["env_steps"])
-        state["rollout_time"] += time.perf_counter() - t_collect
-        return state["next_group"] == len(t0s)
-
-    def plan_updates(self) -> None:
-        """Steps 4-5 set up: the round is counted, its rollout metrics fixed, the advantages and π_old computed
-        and the minibatches of every epoch drawn (so a resumed round trains on the same ones)."""
-        args, state, ref, parts = self.args, self.round_state, self.round_state["ref"], self.round_state["parts"]
-        self.counters["rounds"] += 1
-        state["extra"] = {
-            "phase": "online", "rollout/return": float(ref["rewards"].sum()),
-            "rollout/length": float(len(ref["rewards"])),
-            "rollout/groups": sum(len(p["t0"]) for p in parts) // args.group_size,
-            "rollout/branch_step_mean": float(state["t0s"].mean()),
-            "charts/SPS": (len(ref["rewards"]) + sum(p["env_steps"] for p in parts)) / max(
-                state["rollout_time"] - state["eval_time"], 1e-9)}
-        if self.use_critic:
-            state["extra"]["train/critic_loss"] = state["critic_loss"]
-        state["perms"], state["effective"] = [], 0.0
-        if parts:
-            groups = concat_groups(parts)
-            state["batch"] = make_grpo_batch(self.model, groups, ref, args)
-            n_members = len(groups["t0"])
-            for _ in range(args.grpo_epochs):
-                perm = torch.as_tensor(self.rng.permutation(n_members), device=self.device)
-                state["perms"] += list(perm.split(args.grpo_minibatch or n_members))
-            state["extra"].update({"rollout/group_return": float(groups["scores"].mean()),
-                                   "train/group_return_std": float(state["batch"]["group_return_std"])})
-
-    def train_round(self, stop: StopFlag) -> bool:
-        """Step 5: the round's remaining GRPO updates. False if stopped before the last."""
-        state = self.round_state
-        while state["perms"] and not stop.requested:
-            stats = self.grpo_step(state["perms"].pop(0))
-            state["effective"] += float(stats["train/effective_update"])
-        return not state["perms"]
-
     def end_round(self) -> None:
-        """The round's metrics row (with the final evaluation once the budget is spent), then a checkpoint when
-        --checkpoint-interval updates have passed or at the end of the budget."""
-        args, counters, extra = self.args, self.counters, self.round_state["extra"]
-        if "batch" in self.round_state:
-            extra.update({"train/effective_updates": self.round_state["effective"],
+        """The round's metrics row (with the final evaluation once the budget is spent); a checkpoint when due."""
+        at, rnd, last = self.counters, self.round_state, self.counters["env_steps"] >= self.args.online_steps
+        ref, parts = rnd["ref"], rnd["parts"]
+        at["rounds"] += 1
+        steps = len(ref["rewards"]) + sum(p["env_steps"] for p in parts)
+        extra = {"phase": "online", "rollout/return": float(ref["rewards"].sum()),
+                 "rollout/length": float(len(ref["rewards"])),
+                 "rollout/groups": sum(len(p["t0"]) for p in parts) // self.args.group_size,
+                 "rollout/branch_step_mean": float(rnd["t0s"].mean()),
+                 "charts/SPS": steps / max(rnd["rollout_time"], 1e-9)}
+        if self.use_critic:
+            extra["train/critic_loss"] = rnd["critic_loss"]
+        if "batch" in rnd:
+            extra.update({"rollout/group_return": float(torch.cat([p["scores"] for p in parts]).mean()),
+                          "train/group_return_std": float(rnd["batch"]["group_return_std"]),
+                          "train/effective_updates": rnd["effective"],
                           "charts/updates_per_second": self.meter.updates_per_second()})
-        if counters["env_steps"] >= args.online_steps and self.final_at != counters["updates"]:
-            self.final, self.final_at = self.evaluate(), counters["updates"]
+        if last and self.final_at != at["updates"]:
+            self.final, self.final_at = self.evaluate(), at["updates"]
             extra.update(self.final)
-        self.log_row(extra)
-        self.bar.set_postfix(ret=f"{extra['rollout/return']:.4g}")
-        self.round_state.clear()
-        if self.checkpoints.due(counters["updates"]) or counters["env_steps"] >= args.online_steps:
-            self.save_checkpoint()
+        rnd.clear()
+        self.log_row(extra, checkpoint=self.checkpoints.due(at["updates"]) or last)
 
-    # --- the end of a run --------------------------------------------------------------------------------------
     def stopped(self) -> dict:
-        """Ctrl-C / SIGTERM: checkpoint, mark the folder STOPPED with the command that continues it."""
         self.save_checkpoint()
-        self.logger.close()
-        mark_stopped(self.run_dir, self.counters)
-        return {"stopped": True, "run_dir": str(self.run_dir)}
+        return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
-        """The final evaluation (unless the last round took it), model.pt and summary.json."""
-        args, run_dir = self.args, self.run_dir
+        """Final metrics row (evaluating unless no update followed the last evaluation), model.pt, summary.json."""
         if self.final_at != self.counters["updates"]:  # the last round did not evaluate (or no online phase)
             self.final = self.evaluate()
-        final = self.final
-        summary = {"run_dir": str(run_dir), "env_id": args.env_id, "counters": self.counters,
-                   "wall_time_s": time.time() - self.start_time, **final}
-        self.log_row({"phase": "final", **final})
-        if args.save_model:
-            atomic_save(self.model.state_dict(), run_dir / "model.pt")
-        if args.capture_video:
-            agent = DTAgent(self.model, args, state_mean=self.data.state_mean, state_std=self.data.state_std,
-                            target_return=args.g_eval, sample=False, device=self.device, max_ep_len=self.max_ep_len)
-            record_video(self.data.make_env, agent, seed=eval_seeds(args.seed, 1)[0], path=run_dir / "eval.mp4")
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.logger.close()
-        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {run_dir}")
-        return summary
+        summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
+                   "wall_time_s": time.time() - self.start_time, **self.final}
+        self.log_row({"phase": "final", **self.final})
+        if self.args.capture_video:
+            run.record_video(self.data.make_env, self.eval_agent(), seed=eval_seeds(self.args.seed, 1)[0],
+                             path=self.run_dir / "eval.mp4")
+        return run.finish_run(self.run_dir, self.logger, self.model if self.args.save_model else None, summary)
+
+
+def train(t: Trainer, stop: run.StopFlag) -> None:
+    """ODT's pretraining (arXiv 2202.05607 Alg. 1 lines 1-3), then GRPO rounds: steps (1)-(5) of the algorithm box
+    (arXiv 2601.00167, docs/dt_grpo.md). The loop's position is `t.counters` and `t.round_state`, saved in every
+    checkpoint: a stop request is honoured between any two groups or updates, and --resume continues from there."""
+    args, at, rnd = t.args, t.counters, t.round_state
+    # Input π_θ: pretrained by ODT on every offline trajectory (Table C.4: 5k-10k updates), then evaluated once
+    bar = run.progress_bar("pretraining", at["updates"], args.pretrain_updates, "upd", args.progress)
+    while at["updates"] < args.pretrain_updates and not stop.requested:
+        t.train_step(t.offline)
+        t.log_pretraining()
+        bar.update(1)
+    bar.close()
+    if not stop.requested and not at["pretrain_evaluated"]:
+        metrics, at["pretrain_evaluated"] = t.evaluate(), True
+        print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
+              f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+        t.log_row({"phase": "pretrain", **metrics}, checkpoint=True)
+    if t.ref_model is None and not stop.requested:  # π_ref of the KL term: the pretrained policy, frozen
+        t.ref_model = copy.deepcopy(t.model).requires_grad_(False).eval()
+    bar = run.progress_bar("finetuning", at["env_steps"], args.online_steps, "step",
+                           args.progress and not stop.requested)
+    while not stop.requested and (rnd or at["env_steps"] < args.online_steps):  # a round per iteration
+        if not rnd:  # a new round (after a resume the loop may be in the middle of one)
+            # (1) round r's reference episode τ_ref ~ π_θ(·|g_online): mean action (Q-GRPO samples, for its critic)
+            seed, agent, since = online_episode_seed(args.seed, at["rounds"]), t.window_agent(1), time.perf_counter()
+            ref = reference_rollout(t.reference_env, agent, seed, args.g_online * args.rtg_scale,
+                                    sample=args.reference_sample or t.use_critic)
+            rnd.update(ref=ref, episode_seed=seed, parts=[])
+            t.count_steps(len(ref["rewards"]), since)
+            # (2) active sampling: branch points along τ_ref drawn ∝ the predicted action variance Σσ² (R)
+            gap = args.sub_len if args.branch_gap is None else args.branch_gap
+            rnd["t0s"] = branch_points(ref["var"], args.groups_per_round, args.branch_sampling, t.rng, gap=gap)
+            rnd["todo"] = [] if t.use_critic else list(rnd["t0s"])  # the branch points whose group is to roll
+            if t.use_critic:  # Q-GRPO (Fig. 3c): no restore; a TD3 critic learns from τ_ref and scores G actions
+                t.qgrpo_groups(agent)
+        # (3) a group per branch point t0, one at a time: G members from τ_ref's state at t0, L_traj + L_eval steps
+        while rnd["todo"] and at["env_steps"] < args.online_steps and not stop.requested:
+            since = time.perf_counter()
+            rnd["parts"].append(rollout_groups(
+                t.member_envs, t.window_agent(args.group_size), rnd["ref"], np.array([rnd["todo"].pop(0)]),
+                seed=rnd["episode_seed"], group_size=args.group_size, sub_len=args.sub_len, cont_len=args.cont_len,
+                relabel=args.relabel))
+            t.count_steps(rnd["parts"][-1]["env_steps"], since)
+            bar.update(at["env_steps"] - bar.n)
+        if stop.requested:
+            break
+        if "perms" not in rnd:  # (4) advantages Â_i and π_old; every epoch's minibatches, drawn once per round
+            rnd.update(perms=[], effective=0.0)
+            if rnd["parts"]:
+                groups = concat_groups(rnd["parts"])
+                rnd["batch"] = make_grpo_batch(t.model, groups, rnd["ref"], group_size=args.group_size,
+                                               adv_eps=args.adv_eps, relabel=args.relabel, rtg_scale=args.rtg_scale)
+                for _ in range(args.grpo_epochs):
+                    perm = torch.as_tensor(t.rng.permutation(len(groups["t0"])), device=t.device)
+                    rnd["perms"] += perm.split(args.grpo_minibatch or len(groups["t0"]))
+        while rnd["perms"] and not stop.requested:
+            t.grpo_step(rnd["perms"].pop(0))  # (5) a step of the PPO-clipped objective of the sequence ratios
+        if not rnd["perms"]:
+            t.end_round()  # metrics row; the final evaluation after the last round; a checkpoint when due
+            bar.update(at["env_steps"] - bar.n)
+    bar.close()
 
 
 def main(args: Args, typed: set[str] | None = None) -> dict:
     args, data, device, run_dir, checkpoint, use_critic = set_up(args, typed)  # flags, seeds, dataset, run folder
-    trainer = Trainer(args, data, device, run_dir, use_critic=use_critic, checkpoint=checkpoint)
-    stop = StopFlag()
-    trainer.pretrain(stop)  # offline: ODT (arXiv 2202.05607 Alg. 1 lines 1-3)
-    trainer.finetune(stop)  # online: GRPO rounds (arXiv 2601.00167), no supervised term
+    trainer = Trainer(args, data, device, run_dir, use_critic=use_critic, checkpoint=checkpoint)  # resumes one
+    stop = run.StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    train(trainer, stop)  # ODT's offline pretraining, then GRPO rounds with no supervised term
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
-def record_video(make_env, agent, seed: int, path: Path) -> None:
-    """--capture-video: one deterministic evaluation episode as an mp4. Headless MuJoCo renders through EGL
-    (check_video_support); a rendering failure only warns, the trained model is saved already."""
-    try:
-        import imageio.v2 as imageio
-
-        env = make_env(render_mode="rgb_array")
-        obs, _ = env.reset(seed=seed)
-        agent.reset(obs[None].astype(np.float32))
-        frames, done = [env.render()], False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
-            agent.observe(np.array([reward], dtype=np.float32))
-            frames.append(env.render())
-            done = terminated or truncated
-        imageio.mimsave(path, frames, fps=30)
-        print(f"video of one evaluation episode ({len(frames)} frames): {path}")
-    except Exception as exc:  # e.g. no GL backend: MUJOCO_GL=egl needs libEGL, MUJOCO_GL=osmesa libOSMesa
-        print(f"warning: --capture-video failed ({exc}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    try:
-        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
-    except (UserError, DatasetError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFinished as done:
-        print(done)
-        sys.exit(0)
-    except KeyboardInterrupt:
-        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
+    run.cli(main, Args)

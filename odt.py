@@ -27,14 +27,8 @@ Details and measurements: docs/odt.md
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import random
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +38,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from tqdm import tqdm
 
-from common.datasets import DatasetError, Episode, OfflineData, load_dataset
+from common import run
+from common.datasets import Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env, rollout
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
 
 
 @dataclass
@@ -80,11 +72,11 @@ class Args:
     generate_steps: int = 1_000_000
     """size of a locally generated *-random-v2 dataset (env steps)"""
     pretrain_updates: int | None = None
-    """offline gradient updates before finetuning (None: per-dataset default, Table C.4)"""
+    """offline gradient updates before finetuning (None: Table C.4, 5000; 10000 walker2d/ant, 7000 AntMaze)"""
     online_steps: int = 200_000
     """online environment steps of finetuning (paper Table 5.1: 200k)"""
     updates_per_round: int = 300
-    """gradient updates after each online rollout (Table C.3)"""
+    """gradient updates after each online rollout (Table C.3: 300)"""
     min_steps_per_round: int | None = None
     """collect episodes until at least this many new env steps per round (None: one episode, Alg. 1)"""
     eval_interval: int = 10_000
@@ -108,47 +100,47 @@ class Args:
 
     # Algorithm specific arguments
     embed_dim: int | None = None
-    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    """transformer width (None: Table C.3, 512; 1024 for antmaze-umaze-diverse)"""
     n_layers: int = 4
-    """transformer blocks"""
+    """transformer blocks (Table C.3: 4)"""
     n_heads: int = 4
-    """attention heads"""
+    """attention heads (Table C.3: 4)"""
     dropout: float = 0.1
-    """dropout in embeddings, attention and MLP"""
+    """dropout in embeddings, attention and MLP (Table C.3: 0.1)"""
     context_len: int | None = None
-    """training context length K (None: per-dataset default, 20)"""
+    """training context length K (None: Table C.3, 20)"""
     eval_context_len: int | None = None
-    """context length for evaluation and online rollouts (None: per-dataset default, Table C.4)"""
+    """context length for evaluation and online rollouts (None: Table C.4, 5; 1 ant)"""
     batch_size: int = 256
-    """windows per gradient update"""
+    """windows per gradient update (Table C.3: 256)"""
     learning_rate: float | None = None
-    """LAMB learning rate (None: per-dataset default, Table C.4)"""
+    """LAMB learning rate (None: Table C.4, 1e-4; 2e-3 hopper-m-r, 1e-3 walker2d/AntMaze, 1.5e-3 ant-medium)"""
     weight_decay: float | None = None
-    """LAMB weight decay (None: per-dataset default, Table C.4)"""
+    """LAMB weight decay (None: Table C.4, 5e-4; 1e-4 hopper-m-r/ant-medium, 1e-3 walker2d, 0 AntMaze)"""
     warmup_steps: int = 10_000
-    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning"""
+    """linear learning-rate warm-up (gradient steps), continued from pretraining into finetuning (Table C.3: 10^4)"""
     grad_clip: float = 0.25
-    """global gradient-norm clip"""
+    """global gradient-norm clip (Table C.3: 0.25)"""
     init_temperature: float = 0.1
-    """initial entropy temperature λ (log λ is learned)"""
+    """initial entropy temperature λ (log λ is learned; 0.1 as in the reference code)"""
     temperature_lr: float = 1e-4
-    """Adam learning rate of log λ"""
+    """Adam learning rate of log λ (1e-4 as in the reference code)"""
     target_entropy: float | None = None
-    """entropy lower bound β (None: −dim(A))"""
+    """entropy lower bound β (None: −dim(A), Table C.3)"""
     buffer_size: int | None = None
-    """replay capacity in trajectories (None: per-dataset default, 1000 Gym / 1500 AntMaze)"""
+    """replay capacity in trajectories (None: Table C.4, 1000; 1500 AntMaze)"""
     rtg_scale: float | None = None
-    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze, as in the reference code)"""
     g_eval: float | None = None
-    """target return for evaluation (None: per-dataset default, Table C.4)"""
+    """target return for evaluation (None: Table C.4, 3600 hopper, 5000 walker2d, 6000 halfcheetah/ant, 1 AntMaze)"""
     g_online: float | None = None
-    """target return for exploration rollouts (None: per-dataset default, Table C.4)"""
+    """target return for exploration rollouts (None: Table C.4, 2 × g_eval)"""
     use_timestep_embedding: bool | None = None
-    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, Table C.4)"""
+    """learned absolute timestep embedding (None: Table C.4 "position", off for Gym, on for AntMaze)"""
 
 
-# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT paper Table C.4
-# (finetuning); datasets the paper does not list use their family's medium row.
+# Per-dataset defaults: ODT paper Table C.4 (finetuning), one row per family (its -medium row) and the rows that
+# differ ("<family>-<kind>" overrides "<family>"); datasets the paper does not list use their family's row.
 DATASET_DEFAULTS: dict[str, dict] = {
     "hopper": dict(pretrain_updates=5000, learning_rate=1e-4, weight_decay=5e-4, g_eval=3600, g_online=7200),
     "hopper-medium-replay": dict(learning_rate=2e-3, weight_decay=1e-4),
@@ -206,15 +198,11 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
     for key, value in filled.items():
         setattr(args, key, value)
-    if filled:  # nothing to fill on --resume: the run's config.json holds every value
-        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                          for k, v in filled.items()))
-    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
-               and getattr(args, f.name) is None]
+    run.print_defaults(data, filled)
+    missing = [name for name in ("g_eval", "g_online") if getattr(args, name) is None]
     if missing:
-        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
-                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+        raise run.UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
+                            f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
     return args
 
 
@@ -523,10 +511,8 @@ class TrajectoryReplay:
         idx = torch.as_tensor(idx, device=self.device)
         valid = torch.as_tensor(valid, device=self.device)
         batch = {k: v[idx] for k, v in self._flat.items()}
-        batch["states"] = batch["states"] * valid.unsqueeze(-1)  # padded steps are zeros
-        batch["actions"] = batch["actions"] * valid.unsqueeze(-1)
-        batch["rtg"] = batch["rtg"] * valid
-        batch["timesteps"] = batch["timesteps"] * valid
+        for key, value in batch.items():  # padded steps are zeros
+            batch[key] = value * (valid.unsqueeze(-1) if value.dim() == 3 else valid)
         batch["valid"] = valid
         return batch
 
@@ -624,303 +610,28 @@ def online_episode_seed(seed: int, round_: int, index: int = 0) -> int:
     return seed * 1_000_003 + round_ * 1000 + index
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-class NonFiniteLossError(UserError):
-    pass
-
-
-class RunFinished(Exception):
-    """--resume of a run that has already finished: nothing to do."""
-
-
-EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def apply_preset(args: Args, typed: set[str] | None) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
-    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
-    if args.preset == "paper":
-        return args
-    if typed is None:
-        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
-    for key, value in changed.items():
-        setattr(args, key, value)
-    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    return args
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
-    writable: a probe file is created and removed, which also catches read-only file systems."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
-                        f"or make {existing} writable.") from None
-
-
-def check_video_support() -> None:
-    """--capture-video needs imageio and imageio-ffmpeg: checked before any work, not after training."""
-    try:
-        import imageio.v2  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"--capture-video needs imageio and imageio-ffmpeg ({exc}). Install them with "
-                        "pip install -e '.[video]', or run without --capture-video.") from None
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders off-screen through EGL
-
-
-def validate_args(args: Args) -> None:
-    """Budgets and sizes, checked before the dataset is loaded."""
-    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
-                and getattr(args, name) < low}
-    if at_least:
-        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
-                                                     for k, v in at_least.items()) + ".")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
-    if args.embed_dim is not None and args.embed_dim % args.n_heads:
-        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
-                        f"({args.n_heads}).")
-    if args.capture_video:
-        check_video_support()
-
-
-class RunLogger:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
-        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            lines = [line for line in self.path.read_text().splitlines() if line]
-            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
-                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
-            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
-            self.rows = len(rows)
-        self.file = self.path.open("a")
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
-                                    dir=str(run_dir))
-
-    def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.rows += 1
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["global_step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
-    script = Path(__file__).name
-    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
-        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        check_writable(run_dir, "the run folder")
-        return args, run_dir, None
-    run_dir = Path(args.resume)
-    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file():
-        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
-                        f"(runs/<env>__<exp>__<seed>__<time>/).")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != script:
-        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
-                        f"not {script}. Resume it with that script.")
-    if (run_dir / "summary.json").is_file():
-        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
-                          f"Start a new run to train again.")
-    check_writable(run_dir, "checkpoints and metrics")
-    if not ckpt_path.is_file():
-        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
-                        f"or was started with --no-save-model). Start a new run instead.")
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
-    saved.resume, saved.progress = args.resume, args.progress
-    (run_dir / "STOPPED").unlink(missing_ok=True)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
-    return saved, run_dir, checkpoint
-
-
-def start_run_folder(run_dir: Path, config: dict) -> None:
-    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
-    if not (run_dir / "config.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def mark_stopped(run_dir: Path, counters: dict) -> None:
-    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
-    command = resume_command(sys.argv[0], run_dir)
-    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
-                                     f"continue with:\n  {command}\n")
-    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Atomic (staging file + rename): a crash or a full disk never leaves a half-written checkpoint."""
-    try:
-        atomic_save(state, run_dir / "checkpoint.pt")
-    except OSError as exc:  # e.g. ENOSPC: stop with one message, the last checkpoint still resumes
-        raise UserError(checkpoint_write_failure(run_dir, exc, sys.argv[0])) from None
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-
-class StatsMeter:
-    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
-    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
-
-    def __init__(self):
-        self.keys: list[str] = []
-        self.sum: torch.Tensor | None = None
-        self.n, self.seconds = 0, 0.0
-
-    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
-        self.keys = list(stats)
-        vec = torch.stack([stats[k].float() for k in self.keys])
-        self.sum = vec if self.sum is None else self.sum + vec
-        self.n, self.seconds = self.n + 1, self.seconds + seconds
-
-    def updates_per_second(self) -> float:
-        return self.n / max(self.seconds, 1e-9)
-
-    def pop(self) -> dict[str, float]:
-        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
-        self.sum, self.n, self.seconds = None, 0, 0.0
-        return means
-
-    def state_dict(self) -> dict:
-        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
-
-
-def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
-    """What the whole run costs on this device at this size, from the time of the first few updates."""
-    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
-        f"{n * seconds_per_update / 60:.3g} min"
-    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
-           f"{hours(args.pretrain_updates)}"
-    if online_updates:
-        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
-    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
-        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
-    print(text + ".")
-
-
-def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
-    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    if bad:
-        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
-                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
-                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
-                "with a lower --learning-rate or --grad-clip")
-        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
-                                 f"Training stopped: {kept}.")
-
-
 # Training: set-up, the run state and its two phases (Alg. 1)
 def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
-    validate_args(args)
-    args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args, typed) if checkpoint is None else args
+    run.validate_args(args, VALID_MIN)
+    args, run_dir, checkpoint = run.prepare_run(args, Path(__file__).name)
+    args = run.apply_preset(args, typed, PRESETS) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = pick_device(args.cuda, typed)
-    args.precision = resolve_precision(args.precision, device)
+    device = run.pick_device(args.cuda, typed)
+    args.precision = run.resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    validate_args(args)
-    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
-    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device} ({args.precision}), run folder {run_dir}")
+    run.validate_args(args, VALID_MIN)
+    run.open_run_folder(run_dir, Path(__file__).name, args, data, device)
     return args, data, device, run_dir, checkpoint
 
 
-class Interval:
-    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
-
-    def __init__(self, every: int, start: int):
-        self.every, self.last = every, start // every
-
-    def due(self, n: int) -> bool:
-        if n // self.every <= self.last:
-            return False
-        self.last = n // self.every
-        return True
-
-
 class Trainer:
-    """The run state (model, optimisers, replays, counters, metrics); `state_dict()` is the checkpoint."""
+    """The run state (networks, optimisers, replays, the loop's position `counters`) and the steps `train` takes."""
 
     def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
         self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
@@ -937,49 +648,45 @@ class Trainer:
         self.optimizer = Lamb(lamb_param_groups(self.model, args.weight_decay), lr=args.learning_rate, eps=1e-8)
         self.scheduler = warmup_schedule(self.optimizer, args.warmup_steps)
         self.log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr,
-                                                      betas=(0.9, 0.999))
+        self.temperature_optimizer = torch.optim.Adam([self.log_temperature], lr=args.temperature_lr)
         replay_kwargs = dict(state_mean=data.state_mean, state_std=data.state_std, rtg_scale=args.rtg_scale,
                              max_ep_len=self.max_ep_len, device=device)
         self.offline = TrajectoryReplay(len(data.episodes), **replay_kwargs)  # pretraining samples all offline data
         for episode in data.episodes:
             self.offline.add(episode)
         self.replay = TrajectoryReplay(args.buffer_size, **replay_kwargs)
-        # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+        # Alg. 1 line 2: the top-N offline trajectories by return, ascending so that FIFO evicts the worst first (§4.1)
         for episode in sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]:
             self.replay.add(episode)
 
-        # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
+        # The loop's position. round_updates_left > 0: the round's rollout is in the replay, that many updates to go.
         self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False,
                          "round_updates_left": 0, "round": {}}
-        self.meter = StatsMeter()
+        self.meter = run.StatsMeter()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                self.counters.get("metrics_rows"))
-        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
-        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                    self.counters.get("metrics_rows"))
+        self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = run.Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final: dict = {}  # the metrics of finetuning's latest evaluation in this process
         self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
+    # What a checkpoint holds: these objects' state_dict(), plus log λ, the loop's position and the RNG states.
+    STATE = ("model", "optimizer", "scheduler", "temperature_optimizer", "replay", "meter")
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
-                "temperature_optimizer": self.temperature_optimizer.state_dict(), "replay": self.replay.state_dict(),
-                "counters": dict(self.counters), "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+        return {**{key: getattr(self, key).state_dict() for key in self.STATE}, "counters": dict(self.counters),
+                "log_temperature": self.log_temperature.detach().cpu(), "rng": run.rng_state(self.rng)}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        for key in self.STATE:
+            getattr(self, key).load_state_dict(checkpoint[key])
         with torch.no_grad():
             self.log_temperature.copy_(checkpoint["log_temperature"])
-        self.temperature_optimizer.load_state_dict(checkpoint["temperature_optimizer"])
-        self.replay.load_state_dict(checkpoint["replay"])
         self.counters.update(checkpoint["counters"])
-        self.meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(self.rng, checkpoint["rng"])
+        run.restore_rng_state(self.rng, checkpoint["rng"])
         print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
               f"env step {self.counters['env_steps']}")
 
@@ -987,7 +694,7 @@ class Trainer:
         self.counters["wall_time_s"] = time.time() - self.start_time
         self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
         if self.args.save_model:
-            save_checkpoint(self.run_dir, self.state_dict())
+            run.save_checkpoint(self.run_dir, self.state_dict())
 
     def agent(self, target_return: float, *, explore: bool) -> DTAgent:
         """Evaluation acts with the mean action tanh(μ); exploration samples from the policy (§4)."""
@@ -999,6 +706,7 @@ class Trainer:
         return evaluate(self.eval_envs, self.agent(self.args.g_eval, explore=False), seeds, self.data.normalized_score)
 
     def train_step(self, source: TrajectoryReplay) -> None:
+        """Alg. 2 lines 4-9: a batch of windows from `source`, one gradient update of θ and log λ (eq. 7)."""
         t0 = time.perf_counter()
         stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                        log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
@@ -1006,89 +714,57 @@ class Trainer:
         self.counters["updates"] += 1
         self.meter.add(stats, time.perf_counter() - t0)
 
-    def log_row(self, extra: dict) -> None:
-        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
-               "rounds": self.counters["rounds"]}
-        stats = self.meter.pop()
-        check_finite(stats, self.counters, self.run_dir)
-        self.logger.log({**row, **stats, **extra})
-
-    def pretrain(self, stop: StopFlag) -> None:
-        """Offline pretraining (Alg. 1 lines 1-3), then one evaluation. The first row comes after one update,
-        with a cost estimate after three."""
+    def explore(self) -> list[Episode]:
+        """Alg. 1 line 4: episodes with actions sampled from π_θ(·|s, g_online) until the round has
+        --min-steps-per-round new env steps (default: one episode); episode i of round r resets with
+        online_episode_seed(seed, r, i). Counts the round and its env steps."""
         args, counters = self.args, self.counters
-        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-        while counters["updates"] < args.pretrain_updates and not stop.requested:
-            self.train_step(self.offline)
-            bar.update(1)
-            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
-                rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
-                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
-            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
-                if self.checkpoints.due(counters["updates"]):
-                    self.save_checkpoint()
-        bar.close()
-        if not stop.requested and not counters["pretrain_evaluated"]:
-            metrics = self.evaluate()
-            counters["pretrain_evaluated"] = True
-            self.log_row({"phase": "pretrain", **metrics})
-            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+        t0, agent, episodes, returns = time.perf_counter(), self.agent(args.g_online, explore=True), [], []
+        while not episodes or sum(len(e.rewards) for e in episodes) < (args.min_steps_per_round or 0):
+            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(episodes))
+            result = rollout(self.train_envs, agent, [episode_seed], record=True)
+            episodes.append(result.episodes[0])
+            returns.append(float(result.returns[0]))
+        steps = sum(len(e.rewards) for e in episodes)
+        counters["env_steps"] += steps
+        counters["rounds"] += 1
+        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": steps / len(episodes),
+                             "charts/SPS": steps / max(time.perf_counter() - t0, 1e-9)}
+        return episodes
+
+    def log_row(self, extra: dict, checkpoint: bool = False) -> None:
+        """A metrics row (the loop's position, mean statistics since the last row, `extra`), a checkpoint if asked."""
+        at, stats = self.counters, self.meter.pop()
+        run.check_finite(stats, at, self.run_dir)
+        self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"], **stats,
+                         **extra})
+        if checkpoint:
             self.save_checkpoint()
 
-    def finetune(self, stop: StopFlag) -> None:
-        """Online finetuning (Alg. 1 lines 4-10): rounds of rollouts, then `updates_per_round` updates. A stop
-        request is honoured between any two updates: the checkpoint holds the round's progress."""
-        args, counters = self.args, self.counters
-        bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-                   disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
-        while not stop.requested and (counters["round_updates_left"] > 0 or counters["env_steps"] < args.online_steps):
-            if counters["round_updates_left"] == 0:
-                bar.update(self.collect_round())
-                bar.set_postfix(ret=f"{counters['round']['rollout/return']:.4g}")
-            while counters["round_updates_left"] > 0 and not stop.requested:
-                self.train_step(self.replay)
-                counters["round_updates_left"] -= 1
-            if counters["round_updates_left"] == 0:
-                self.end_round()
-        bar.close()
-
-    def collect_round(self) -> int:
-        """Episodes conditioned on g_online until the round has `min_steps_per_round` steps (default: one)."""
-        args, counters = self.args, self.counters
-        t0, returns, lengths = time.perf_counter(), [], []
-        agent = self.agent(args.g_online, explore=True)
-        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
-            result = rollout(self.train_envs, agent, [episode_seed], record=True)
-            self.replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
-            returns.append(float(result.returns[0]))
-            lengths.append(int(result.lengths[0]))
-        counters["env_steps"] += sum(lengths)
-        counters["rounds"] += 1
-        counters["round_updates_left"] = args.updates_per_round
-        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
-                             "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
-        return sum(lengths)
+    def log_pretraining(self) -> None:
+        """A metrics row every --log-interval updates (and after the first and the last), with a checkpoint when
+        one is due; the cost estimate after three updates (past the first calls' warm-up)."""
+        args, n = self.args, self.counters["updates"]
+        if n == 3 and not self.resumed:
+            rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
+            run.print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
+        if n % args.log_interval == 0 or n in (1, args.pretrain_updates):
+            self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()},
+                         checkpoint=self.checkpoints.due(n))
 
     def end_round(self) -> None:
-        """The round's metrics row, with an evaluation and a checkpoint when due (and after the last round)."""
-        counters, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
-        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": self.meter.updates_per_second()}
-        if self.evaluations.due(counters["env_steps"]) or last:
+        """The round's metrics row, with an evaluation every --eval-interval env steps and a checkpoint when one is
+        due (both also after the last round)."""
+        at, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
+        extra = {"phase": "online", **at["round"], "charts/updates_per_second": self.meter.updates_per_second()}
+        if self.evaluations.due(at["env_steps"]) or last:
             extra.update(self.evaluate())
             self.final = {k: v for k, v in extra.items() if k.startswith("eval/")}
-        self.log_row(extra)
-        if self.checkpoints.due(counters["updates"]) or last:
-            self.save_checkpoint()
+        self.log_row(extra, checkpoint=self.checkpoints.due(at["updates"]) or last)
 
     def stopped(self) -> dict:
         self.save_checkpoint()
-        self.logger.close()
-        mark_stopped(self.run_dir, self.counters)
-        return {"stopped": True, "run_dir": str(self.run_dir)}
+        return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
         """Final metrics row (evaluating unless the last round did), model.pt and summary.json."""
@@ -1096,58 +772,49 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
-        if self.args.save_model:
-            atomic_save(self.model.state_dict(), self.run_dir / "model.pt")
         if self.args.capture_video:
-            record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
-                         seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.logger.close()
-        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
-        return summary
+            run.record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
+                             seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
+        return run.finish_run(self.run_dir, self.logger, self.model if self.args.save_model else None, summary)
+
+
+def train(t: Trainer, stop: run.StopFlag) -> None:
+    """ODT Alg. 1, with Alg. 2's gradient step as `t.train_step`. The loop's position is `t.counters` (updates,
+    env steps, rounds, updates left in the round), saved in every checkpoint: a stop request is honoured between
+    any two updates, and --resume continues from that point, mid-round included."""
+    args, at = t.args, t.counters
+    # Input π_θ: pretrained on every offline trajectory (Table C.4: 5k-10k updates), then evaluated once
+    with run.progress_bar("pretraining", at["updates"], args.pretrain_updates, "upd", args.progress) as bar:
+        while at["updates"] < args.pretrain_updates and not stop.requested:
+            t.train_step(t.offline)
+            t.log_pretraining()  # a metrics row every --log-interval updates, a checkpoint when due
+            bar.update(1)
+    if not stop.requested and not at["pretrain_evaluated"]:
+        at["pretrain_evaluated"] = True
+        t.log_row({"phase": "pretrain", **t.evaluate()}, checkpoint=True)
+    # Line 2, T_replay ← the top-N offline trajectories, was done by Trainer()
+    with run.progress_bar("finetuning", at["env_steps"], args.online_steps, "step",
+                          args.progress and not stop.requested) as bar:
+        while not stop.requested and (at["round_updates_left"] > 0 or at["env_steps"] < args.online_steps):  # l. 3
+            if at["round_updates_left"] == 0:  # a new round (after a resume the loop may be in the middle of one)
+                for episode in t.explore():  # line 4: roll out π_θ(·|s, g_online) with sampled actions
+                    t.replay.add(episode)  # line 5: FIFO (the oldest leaves); RTGs relabeled by achieved rewards
+                at["round_updates_left"] = args.updates_per_round
+                bar.update(at["env_steps"] - bar.n)
+            while at["round_updates_left"] > 0 and not stop.requested:  # line 6: I iterations of Alg. 2
+                t.train_step(t.replay)
+                at["round_updates_left"] -= 1
+            if at["round_updates_left"] == 0:
+                t.end_round()  # metrics row; evaluation every --eval-interval env steps and after the last round
 
 
 def main(args: Args, typed: set[str] | None = None) -> dict:
     args, data, device, run_dir, checkpoint = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, optimisers, replay; resumes a checkpoint
-    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
-    trainer.pretrain(stop)  # offline (Alg. 1 lines 1-3)
-    trainer.finetune(stop)  # online (Alg. 1 lines 4-10)
+    stop = run.StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    train(trainer, stop)  # Alg. 1: offline pretraining, then rounds of exploration and updates
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
-def record_video(make_env, agent, seed: int, path: Path) -> None:
-    """--capture-video: one deterministic evaluation episode as an mp4. Headless MuJoCo renders through EGL
-    (check_video_support); a rendering failure only warns, the trained model is saved already."""
-    try:
-        import imageio.v2 as imageio
-
-        env = make_env(render_mode="rgb_array")
-        obs, _ = env.reset(seed=seed)
-        agent.reset(obs[None].astype(np.float32))
-        frames, done = [env.render()], False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
-            agent.observe(np.array([reward], dtype=np.float32))
-            frames.append(env.render())
-            done = terminated or truncated
-        imageio.mimsave(path, frames, fps=30)
-        print(f"video of one evaluation episode ({len(frames)} frames): {path}")
-    except Exception as exc:  # e.g. no GL backend: MUJOCO_GL=egl needs libEGL, MUJOCO_GL=osmesa libOSMesa
-        print(f"warning: --capture-video failed ({exc}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    try:
-        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
-    except (UserError, DatasetError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFinished as done:
-        print(done)
-        sys.exit(0)
-    except KeyboardInterrupt:
-        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
+    run.cli(main, Args)

@@ -29,14 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import json
 import math
-import os
 import random
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +40,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from tqdm import tqdm
 
-from common.datasets import DatasetError, Episode, OfflineData, load_dataset
+from common import run
+from common.datasets import Episode, OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env, rollout
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
 
 
 @dataclass
@@ -82,11 +74,11 @@ class Args:
     generate_steps: int = 1_000_000
     """size of a locally generated *-random-v2 dataset (env steps)"""
     pretrain_updates: int | None = None
-    """offline actor updates before finetuning (None: per-dataset default, Table 9)"""
+    """offline actor updates before finetuning (None: Table 9, 5000; 10000 walker2d, 40000 Adroit/AntMaze)"""
     online_steps: int = 500_000
     """online environment steps of finetuning (paper: 500k MuJoCo, 1M Adroit/AntMaze/Maze2d)"""
     updates_per_round: int = 300
-    """actor updates after each online rollout (each follows `policy_interval` critic updates)"""
+    """actor updates after each online rollout, each after `policy_interval` critic updates (ODT Table C.3: 300)"""
     min_steps_per_round: int | None = None
     """collect episodes until at least this many new env steps per round (None: per-dataset default, 1000 for
     random datasets, Adroit, AntMaze, Maze2d, else one episode; 0: one episode)"""
@@ -111,63 +103,63 @@ class Args:
 
     # Algorithm specific arguments
     embed_dim: int | None = None
-    """transformer width (None: per-dataset default, 512; 1024 for antmaze-umaze-diverse)"""
+    """transformer width (None: 512 as ODT's Table C.3; 1024 for antmaze-umaze-diverse)"""
     n_layers: int = 4
-    """transformer blocks"""
+    """transformer blocks (ODT Table C.3: 4)"""
     n_heads: int = 4
-    """attention heads"""
+    """attention heads (ODT Table C.3: 4)"""
     dropout: float = 0.1
-    """dropout in embeddings, attention and MLP"""
+    """dropout in embeddings, attention and MLP (ODT Table C.3: 0.1)"""
     context_len: int | None = None
-    """training context length K (None: per-dataset default, Table 9)"""
+    """training context length K (None: Table 9, 20 MuJoCo, 5 Adroit/AntMaze)"""
     eval_context_len: int | None = None
-    """context length for evaluation and online rollouts (None: per-dataset default, Table 9)"""
+    """context length for evaluation and online rollouts (None: Table 9, 5; 1 ant/pen/door/relocate/AntMaze)"""
     batch_size: int = 256
-    """windows per gradient update (every valid position is a transition for the critic)"""
+    """windows per gradient update, every valid position a transition for the critic (ODT Table C.3: 256)"""
     learning_rate: float | None = None
-    """LAMB learning rate of the actor (None: per-dataset default, Table 9)"""
+    """LAMB learning rate of the actor (None: Table 9, 1e-4; 1e-3 walker2d/ant/AntMaze)"""
     weight_decay: float | None = None
-    """LAMB weight decay of the actor (None: per-dataset default, Table 9)"""
+    """LAMB weight decay of the actor (None: Table 9, 5e-4 hopper; 1e-4 halfcheetah/ant/Adroit, 1e-3 walker2d)"""
     warmup_steps: int = 10_000
-    """linear learning-rate warm-up of the actor (actor updates), continued from pretraining into finetuning"""
+    """linear warm-up of the actor's learning rate (actor updates), pretraining into finetuning (ODT: 10^4)"""
     grad_clip: float = 0.25
-    """global gradient-norm clip of the actor"""
+    """global gradient-norm clip of the actor (ODT Table C.3: 0.25)"""
     buffer_size: int | None = None
-    """replay capacity in trajectories (None: per-dataset default, Table 9)"""
+    """replay capacity in trajectories (None: Table 9, 1000; 5000 Adroit, 2000 AntMaze)"""
     rtg_scale: float | None = None
-    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze)"""
+    """multiplier of return-to-go tokens (None: 0.001 locomotion, 1 AntMaze, as ODT)"""
     g_eval: float | None = None
-    """target return for evaluation (None: per-dataset default, Table 9)"""
+    """target return for evaluation (None: Table 9, e.g. 3600 hopper, 12000 pen, −100 AntMaze)"""
     g_online: float | None = None
-    """target return for exploration rollouts (None: per-dataset default, Table 9)"""
+    """target return for exploration rollouts (None: Table 9, 2 × g_eval on MuJoCo, g_eval elsewhere)"""
     use_timestep_embedding: bool | None = None
-    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, as ODT)"""
+    """learned absolute timestep embedding (None: off for Gym, on for AntMaze, as ODT's Table C.4)"""
     alpha_pretrain: float | None = None
-    """weight α of the RL actor loss during pretraining (None: 0; 0.1 AntMaze)"""
+    """weight α of the RL actor loss during pretraining (None: Table 9, 0; 0.1 AntMaze)"""
     alpha_online: float | None = None
-    """weight α of the RL actor loss during finetuning (None: 0.1; 0 gives a deterministic ODT)"""
+    """weight α of the RL actor loss during finetuning (None: Table 9, 0.1; 0 gives a deterministic ODT)"""
     supervised_coef: float = 1.0
     """weight of the supervised MSE actor loss (0: the paper's "TD3" baseline, DT actor trained by TD3 only)"""
     q_normalize: bool = False
     """divide α by mean|Q| of the batch (TD3+BC's normalisation; off in the paper)"""
     gamma: float | None = None
-    """discount of the critic (None: 0.99; 0.998 AntMaze)"""
+    """discount of the critic (None: Table 9, 0.99; 0.998 AntMaze)"""
     tau: float = 0.005
-    """Polyak rate of the actor and critic targets"""
+    """Polyak rate of the actor and critic targets (TD3: 0.005)"""
     policy_interval: int | None = None
-    """critic updates per actor/target update (None: 2; 1 for Adroit, AntMaze, Maze2d)"""
+    """critic updates per actor/target update (None: 2 as TD3; 1 for Adroit, AntMaze, Maze2d, App. H)"""
     policy_noise: float = 0.2
-    """std of the target policy smoothing noise (TD3)"""
+    """std of the target policy smoothing noise (TD3: 0.2)"""
     noise_clip: float = 0.5
-    """clip of the target policy smoothing noise (TD3)"""
+    """clip of the target policy smoothing noise (TD3: 0.5)"""
     exploration_noise: float = 0.1
-    """std of the Gaussian noise added to the deterministic action during online rollouts"""
+    """std of the Gaussian noise added to the deterministic action during online rollouts (TD3: 0.1)"""
     critic_lr: float | None = None
-    """AdamW learning rate of the critic (None: 1e-3 MuJoCo, 2e-4 others)"""
+    """AdamW learning rate of the critic (None: Table 9, 1e-3 MuJoCo, 2e-4 others)"""
     critic_hidden: int = 256
-    """width of the two hidden layers of each Q network"""
+    """width of the two hidden layers of each Q network (App. H: 256)"""
     critic_layer_norm: bool | None = None
-    """parameter-free LayerNorm after the critic's hidden layers (None: on for Adroit, AntMaze, Maze2d)"""
+    """parameter-free LayerNorm after the critic's hidden layers (None: on for Adroit, AntMaze, Maze2d, App. H)"""
     reward_shift: float | None = None
     """added to every reward the agent trains on and conditions on (None: 0; −1 AntMaze, Table 9)"""
     bf16_targets: bool = True
@@ -175,8 +167,8 @@ class Args:
     off on hardware without native bf16)"""
 
 
-# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". ODT+TD3 paper Table 9;
-# what Table 9 does not list (AntMaze actor lr/wd, RTG scale, timestep embedding) keeps ODT's Table C.4 value.
+# Per-dataset defaults: ODT+TD3 paper Table 9, one row per family ("<family>-<kind>" overrides "<family>"); what
+# Table 9 does not list (AntMaze actor lr/wd, RTG scale, timestep embedding) keeps ODT's Table C.4 value.
 SPARSE = dict(critic_lr=2e-4, critic_layer_norm=True, policy_interval=1, min_steps_per_round=1000)  # non-MuJoCo
 ADROIT = dict(SPARSE, context_len=5, eval_context_len=1, learning_rate=1e-4, weight_decay=1e-4,
               pretrain_updates=40000, buffer_size=5000)
@@ -246,18 +238,14 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
     for key, value in filled.items():
         setattr(args, key, value)
-    if filled:  # nothing to fill on --resume: the run's config.json holds every value
-        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                          for k, v in filled.items()))
-    missing = [f.name for f in dataclasses.fields(args) if f.name in ("g_eval", "g_online")
-               and getattr(args, f.name) is None]
+    run.print_defaults(data, filled)
+    missing = [name for name in ("g_eval", "g_online") if getattr(args, name) is None]
     if missing:
-        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
-                        f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+        raise run.UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
+                            f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
     if args.policy_interval < 1 or not 0 < args.tau <= 1:
-        raise UserError(f"--policy-interval must be ≥ 1 (critic updates per actor update) and --tau in (0, 1]; got "
-                        f"{args.policy_interval} and {args.tau}.")
+        raise run.UserError(f"--policy-interval must be ≥ 1 (critic updates per actor update) and --tau in (0, 1]; "
+                            f"got {args.policy_interval} and {args.tau}.")
     return args
 
 
@@ -591,74 +579,57 @@ def shifted_window(batch: dict) -> tuple[torch.Tensor, ...]:
     return batch["next_rtg"], batch["next_states"], next_actions, batch["next_timesteps"], valid
 
 
-def target_actions(model_target: DecisionTransformer, batch: dict, policy_noise: float, noise_clip: float,
-                   bf16: bool = False) -> torch.Tensor:
-    """ã_t = clamp(μ'(shifted window)_t + clip(ε, −c, c), −1, 1), ε ~ N(0, σ²): TD3 target policy smoothing."""
-    with torch.autocast(batch["states"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        mu = model_target.act(model_target(*shifted_window(batch))).float()
-    noise = (torch.randn_like(mu) * policy_noise).clamp(-noise_clip, noise_clip)
-    return (mu + noise).clamp(-1.0, 1.0)
-
-
 def td_target(rewards, dones, q1_next, q2_next, gamma: float) -> torch.Tensor:
-    """y = r + γ(1 − done)·min(Q1', Q2')(s', ã) (TD3's clipped double Q). done = 1 only at true terminations."""
+    """y = r + γ(1 − done)·min(Q1', Q2')(s', ã): TD3's clipped double Q (§4.2). done = 1 only at true terminations."""
     return rewards + gamma * (1.0 - dones) * torch.minimum(q1_next, q2_next)
 
 
-@torch.no_grad()  # the target actor's forward pass builds no autograd graph
-def critic_targets(critic_target: Critic, model_target: DecisionTransformer, batch: dict, args) -> torch.Tensor:
-    """y_t (B, K) for every window position: each valid position is a transition (s_t, a_t, r_t, s'_t, done_t)."""
-    next_actions = target_actions(model_target, batch, policy_noise=args.policy_noise, noise_clip=args.noise_clip,
-                                  bf16=args.bf16_targets)
-    return td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions),
-                     gamma=args.gamma)
-
-
-def critic_loss(critic: Critic, critic_target: Critic, model_target: DecisionTransformer, batch: dict, args):
-    """Σ_i mean_valid (Q_i(s_t, a_t) − y_t)² over every valid position of every window (paper §4)."""
-    y = critic_targets(critic_target, model_target, batch, args)
-    q1, q2 = critic(batch["states"], batch["actions"])
-    valid = batch["valid"].float()
-    n_valid = valid.sum()
-    loss = (((q1 - y) ** 2 + (q2 - y) ** 2) * valid).sum() / n_valid
-    return loss, {"train/critic_loss": loss, "train/q_mean": (q1.detach() * valid).sum() / n_valid}
-
-
-def actor_loss(model: DecisionTransformer, critic: Critic, batch: dict, alpha: float, args):
-    """c·MSE(μ_t, a_t) + α·(−mean_valid Q1(s_t, μ_t)) over all valid positions (poster "Practical Solution");
-    with --q-normalize α is divided by mean|Q1| (TD3+BC). The critic's own gradients from this loss are
-    discarded (its next update starts with zero_grad)."""
-    h = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["valid"])
-    mu = model.act(h)
-    valid = batch["valid"].float()
-    n_valid = valid.sum()
-    supervised = (((mu - batch["actions"]) ** 2).mean(-1) * valid).sum() / n_valid
-    q = critic.q1(torch.cat((batch["states"], mu), dim=-1)).squeeze(-1)
-    rl = -(q * valid).sum() / n_valid
-    weight = alpha / ((q.abs() * valid).sum() / n_valid).detach().clamp(min=1e-6) if args.q_normalize else alpha
-    loss = args.supervised_coef * supervised + weight * rl
-    return loss, {"train/supervised_loss": supervised, "train/actor_rl_loss": rl, "train/actor_loss": loss}
-
-
-def update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer, batches, alpha, args):
-    """One actor update after `policy_interval` critic updates, one per batch (TD3's delayed policy update);
-    both targets follow by Polyak averaging after the actor update."""
+def td3_update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer, batches, *,
+               alpha: float, supervised_coef: float, q_normalize: bool, gamma: float, tau: float, policy_noise: float,
+               noise_clip: float, grad_clip: float, bf16_targets: bool) -> dict[str, torch.Tensor]:
+    """One ODT+TD3 update (§3.2, App. H; TD3, Fujimoto et al. 2018, Alg. 1): a critic step on each batch, then one
+    actor step on the last batch and a Polyak step of both targets. len(batches) = --policy-interval critic steps
+    per actor step: TD3's delayed policy update (§5.2). Every valid position t of every window is a transition
+    (s_t, a_t, r_t, s'_t, done_t); padded positions count in no loss and no statistic."""
     model.train()
     critic_stats = []
     for batch in batches:
-        loss, stats = critic_loss(critic, critic_target, model_target, batch, args)
+        with torch.no_grad():  # the TD target, from the TARGET actor and the TARGET critic
+            # ã_t = clamp(μ'(window one step later)_t + clip(ε, −c, c), −1, 1), ε ~ N(0, σ²): TD3 §5.3 smoothing
+            with torch.autocast(batch["states"].device.type, dtype=torch.bfloat16, enabled=bf16_targets):
+                mu_next = model_target.act(model_target(*shifted_window(batch))).float()
+            noise = (torch.randn_like(mu_next) * policy_noise).clamp(-noise_clip, noise_clip)
+            next_actions = (mu_next + noise).clamp(-1.0, 1.0)
+            y = td_target(batch["rewards"], batch["dones"], *critic_target(batch["next_states"], next_actions), gamma)
+        # Critic: Σ_i mean_valid (Q_i(s_t, a_t) − y_t)²
+        q1, q2 = critic(batch["states"], batch["actions"])
+        valid = batch["valid"].float()
+        n_valid = valid.sum()
+        critic_loss = (((q1 - y) ** 2 + (q2 - y) ** 2) * valid).sum() / n_valid
         critic_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        critic_loss.backward()
         critic_optimizer.step()
-        critic_stats.append(stats)
-    loss, stats = actor_loss(model, critic, batches[-1], alpha, args)
+        critic_stats.append({"train/critic_loss": critic_loss, "train/q_mean": (q1.detach() * valid).sum() / n_valid})
+
+    # Actor, on the last batch: c·MSE(μ_t, a_t) + α·(−mean_valid Q1(s_t, μ_t)) (§3.2), Q1 of the ONLINE critic as
+    # in TD3; --q-normalize divides α by the detached mean|Q1| (TD3+BC, Fujimoto & Gu 2021).
+    batch = batches[-1]
+    valid = batch["valid"].float()
+    n_valid = valid.sum()
+    mu = model.act(model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["valid"]))
+    supervised = (((mu - batch["actions"]) ** 2).mean(-1) * valid).sum() / n_valid
+    q = critic.q1(torch.cat((batch["states"], mu), dim=-1)).squeeze(-1)
+    rl = -(q * valid).sum() / n_valid
+    weight = alpha / ((q.abs() * valid).sum() / n_valid).detach().clamp(min=1e-6) if q_normalize else alpha
+    actor_loss = supervised_coef * supervised + weight * rl
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    actor_loss.backward()  # the critic's gradients from this loss are dropped: its next step starts with zero_grad
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
-    polyak_update(model_target, model, args.tau)
-    polyak_update(critic_target, critic, args.tau)
+    polyak_update(model_target, model, tau)  # both targets follow after the actor step (TD3 Alg. 1)
+    polyak_update(critic_target, critic, tau)
+    stats = {"train/supervised_loss": supervised, "train/actor_rl_loss": rl, "train/actor_loss": actor_loss}
     stats.update({k: torch.stack([s[k] for s in critic_stats]).mean() for k in critic_stats[0]})
     return {k: v.detach() for k, v in stats.items()}
 
@@ -728,303 +699,28 @@ def online_episode_seed(seed: int, round_: int, index: int = 0) -> int:
     return seed * 1_000_003 + round_ * 1000 + index
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-class NonFiniteLossError(UserError):
-    pass
-
-
-class RunFinished(Exception):
-    """--resume of a run that has already finished: nothing to do."""
-
-
-EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def apply_preset(args: Args, typed: set[str] | None) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
-    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
-    if args.preset == "paper":
-        return args
-    if typed is None:
-        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
-    for key, value in changed.items():
-        setattr(args, key, value)
-    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    return args
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
-    writable: a probe file is created and removed, which also catches read-only file systems."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
-                        f"or make {existing} writable.") from None
-
-
-def check_video_support() -> None:
-    """--capture-video needs imageio and imageio-ffmpeg: checked before any work, not after training."""
-    try:
-        import imageio.v2  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"--capture-video needs imageio and imageio-ffmpeg ({exc}). Install them with "
-                        "pip install -e '.[video]', or run without --capture-video.") from None
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders off-screen through EGL
-
-
-def validate_args(args: Args) -> None:
-    """Budgets and sizes, checked before the dataset is loaded."""
-    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
-                and getattr(args, name) < low}
-    if at_least:
-        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
-                                                     for k, v in at_least.items()) + ".")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
-    if args.embed_dim is not None and args.embed_dim % args.n_heads:
-        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
-                        f"({args.n_heads}).")
-    if args.capture_video:
-        check_video_support()
-
-
-class RunLogger:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
-        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            lines = [line for line in self.path.read_text().splitlines() if line]
-            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
-                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
-            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
-            self.rows = len(rows)
-        self.file = self.path.open("a")
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
-                                    dir=str(run_dir))
-
-    def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.rows += 1
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["global_step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
-    script = Path(__file__).name
-    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
-        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        check_writable(run_dir, "the run folder")
-        return args, run_dir, None
-    run_dir = Path(args.resume)
-    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file():
-        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
-                        f"(runs/<env>__<exp>__<seed>__<time>/).")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != script:
-        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
-                        f"not {script}. Resume it with that script.")
-    if (run_dir / "summary.json").is_file():
-        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
-                          f"Start a new run to train again.")
-    check_writable(run_dir, "checkpoints and metrics")
-    if not ckpt_path.is_file():
-        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
-                        f"or was started with --no-save-model). Start a new run instead.")
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
-    saved.resume, saved.progress = args.resume, args.progress
-    (run_dir / "STOPPED").unlink(missing_ok=True)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
-    return saved, run_dir, checkpoint
-
-
-def start_run_folder(run_dir: Path, config: dict) -> None:
-    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
-    if not (run_dir / "config.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def mark_stopped(run_dir: Path, counters: dict) -> None:
-    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
-    command = resume_command(sys.argv[0], run_dir)
-    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
-                                     f"continue with:\n  {command}\n")
-    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Atomic (staging file + rename): a crash or a full disk never leaves a half-written checkpoint."""
-    try:
-        atomic_save(state, run_dir / "checkpoint.pt")
-    except OSError as exc:  # e.g. ENOSPC: stop with one message, the last checkpoint still resumes
-        raise UserError(checkpoint_write_failure(run_dir, exc, sys.argv[0])) from None
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-
-class StatsMeter:
-    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
-    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
-
-    def __init__(self):
-        self.keys: list[str] = []
-        self.sum: torch.Tensor | None = None
-        self.n, self.seconds = 0, 0.0
-
-    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
-        self.keys = list(stats)
-        vec = torch.stack([stats[k].float() for k in self.keys])
-        self.sum = vec if self.sum is None else self.sum + vec
-        self.n, self.seconds = self.n + 1, self.seconds + seconds
-
-    def updates_per_second(self) -> float:
-        return self.n / max(self.seconds, 1e-9)
-
-    def pop(self) -> dict[str, float]:
-        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
-        self.sum, self.n, self.seconds = None, 0, 0.0
-        return means
-
-    def state_dict(self) -> dict:
-        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
-
-
-def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
-    """What the whole run costs on this device at this size, from the time of the first few updates."""
-    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
-        f"{n * seconds_per_update / 60:.3g} min"
-    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
-           f"{hours(args.pretrain_updates)}"
-    if online_updates:
-        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
-    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
-        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
-    print(text + ".")
-
-
-def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
-    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    if bad:
-        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
-                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
-                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
-                "with a lower --learning-rate or --grad-clip")
-        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
-                                 f"Training stopped: {kept}.")
-
-
 # Training: set-up, the run state and its two phases (Alg. 1)
 def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
-    validate_args(args)
-    args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args, typed) if checkpoint is None else args
+    run.validate_args(args, VALID_MIN)
+    args, run_dir, checkpoint = run.prepare_run(args, Path(__file__).name)
+    args = run.apply_preset(args, typed, PRESETS) if checkpoint is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = pick_device(args.cuda, typed)
-    args.precision = resolve_precision(args.precision, device)
+    device = run.pick_device(args.cuda, typed)
+    args.precision = run.resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    validate_args(args)
-    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
-    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device} ({args.precision}), run folder {run_dir}")
+    run.validate_args(args, VALID_MIN)
+    run.open_run_folder(run_dir, Path(__file__).name, args, data, device)
     return args, data, device, run_dir, checkpoint
 
 
-class Interval:
-    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
-
-    def __init__(self, every: int, start: int):
-        self.every, self.last = every, start // every
-
-    def due(self, n: int) -> bool:
-        if n // self.every <= self.last:
-            return False
-        self.last = n // self.every
-        return True
-
-
 class Trainer:
-    """The run state (model, optimisers, replays, counters, metrics); `state_dict()` is the checkpoint."""
+    """The run state (networks, optimisers, replays, the loop's position `counters`) and the steps `train` takes."""
 
     def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
         self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
@@ -1051,43 +747,37 @@ class Trainer:
         for episode in data.episodes:
             self.offline.add(episode)
         self.replay = TrajectoryReplay(args.buffer_size, **replay_kwargs)
-        # Top-N offline trajectories by return, in ascending order so FIFO evicts the worst first (§4.1).
+        # Alg. 1 line 2: the top-N offline trajectories by return, ascending so that FIFO evicts the worst first (§4.1)
         for episode in sorted(data.episodes, key=lambda e: float(e.rewards.sum()))[-args.buffer_size:]:
             self.replay.add(episode)
 
-        # round_updates_left > 0: a round's rollout is in the replay and that many of its updates are still to do.
+        # The loop's position. round_updates_left > 0: the round's rollout is in the replay, that many updates to go.
         self.counters = {"updates": 0, "env_steps": 0, "rounds": 0, "pretrain_evaluated": False,
                          "round_updates_left": 0, "round": {}}
-        self.meter = StatsMeter()
+        self.meter = run.StatsMeter()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                self.counters.get("metrics_rows"))
-        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
-        self.evaluations = Interval(args.eval_interval, start=self.counters["env_steps"])
+        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                    self.counters.get("metrics_rows"))
+        self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.evaluations = run.Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final: dict = {}  # the metrics of finetuning's latest evaluation in this process
         self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
+    # What a checkpoint holds: these objects' state_dict(), plus the loop's position and the RNG states.
+    STATE = ("model", "optimizer", "scheduler", "model_target", "critic", "critic_target", "critic_optimizer",
+             "replay", "meter")
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "model_target": self.model_target.state_dict(),
-                "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), "replay": self.replay.state_dict(),
-                "counters": dict(self.counters), "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+        return {**{key: getattr(self, key).state_dict() for key in self.STATE}, "counters": dict(self.counters),
+                "rng": run.rng_state(self.rng)}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.model_target.load_state_dict(checkpoint["model_target"])
-        self.critic.load_state_dict(checkpoint["critic"])
-        self.critic_target.load_state_dict(checkpoint["critic_target"])
-        self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-        self.replay.load_state_dict(checkpoint["replay"])
+        for key in self.STATE:
+            getattr(self, key).load_state_dict(checkpoint[key])
         self.counters.update(checkpoint["counters"])
-        self.meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(self.rng, checkpoint["rng"])
+        run.restore_rng_state(self.rng, checkpoint["rng"])
         print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
               f"env step {self.counters['env_steps']}")
 
@@ -1095,7 +785,7 @@ class Trainer:
         self.counters["wall_time_s"] = time.time() - self.start_time
         self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
         if self.args.save_model:
-            save_checkpoint(self.run_dir, self.state_dict())
+            run.save_checkpoint(self.run_dir, self.state_dict())
 
     def agent(self, target_return: float, *, explore: bool) -> DTAgent:
         """Evaluation acts with the deterministic action; exploration adds Gaussian noise to it (TD3)."""
@@ -1108,99 +798,69 @@ class Trainer:
         return evaluate(self.eval_envs, self.agent(self.args.g_eval, explore=False), seeds, self.data.normalized_score)
 
     def train_step(self, source: TrajectoryReplay, alpha: float) -> None:
-        """One actor update after `policy_interval` critic updates, each on a fresh batch."""
-        t0 = time.perf_counter()
-        batches = [source.sample(self.args.batch_size, self.args.context_len, self.rng)
-                   for _ in range(self.args.policy_interval)]
-        stats = update(self.model, model_target=self.model_target, critic=self.critic,
-                       critic_target=self.critic_target, optimizer=self.optimizer, scheduler=self.scheduler,
-                       critic_optimizer=self.critic_optimizer, batches=batches, alpha=alpha, args=self.args)
+        """One update: `policy_interval` fresh batches of windows from `source`, a critic step on each, then one
+        actor step with RL weight α and the Polyak step of both targets (td3_update)."""
+        t0, args = time.perf_counter(), self.args
+        batches = [source.sample(args.batch_size, args.context_len, self.rng) for _ in range(args.policy_interval)]
+        stats = td3_update(self.model, self.model_target, self.critic, self.critic_target, self.optimizer,
+                           self.scheduler, self.critic_optimizer, batches, alpha=alpha,
+                           supervised_coef=args.supervised_coef, q_normalize=args.q_normalize, gamma=args.gamma,
+                           tau=args.tau, policy_noise=args.policy_noise, noise_clip=args.noise_clip,
+                           grad_clip=args.grad_clip, bf16_targets=args.bf16_targets)
         self.counters["updates"] += 1
         self.meter.add(stats, time.perf_counter() - t0)
 
-    def log_row(self, extra: dict) -> None:
-        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
-               "rounds": self.counters["rounds"]}
-        stats = self.meter.pop()
-        check_finite(stats, self.counters, self.run_dir)
-        self.logger.log({**row, **stats, **extra})
-
-    def pretrain(self, stop: StopFlag) -> None:
-        """Offline pretraining (Alg. 1 lines 1-3), then one evaluation. The first row comes after one update,
-        with a cost estimate after three."""
+    def explore(self) -> list[Episode]:
+        """Alg. 1 line 4: episodes with the actor's action plus N(0, σ²) noise, conditioned on g_online, until the
+        round has --min-steps-per-round new env steps (App. H: 1000 on random data, Adroit, AntMaze, Maze2d; else
+        one episode); episode i of round r resets with online_episode_seed(seed, r, i). Counts the round's steps."""
         args, counters = self.args, self.counters
-        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-                   desc="pretraining", disable=not args.progress, unit="upd", dynamic_ncols=True)
-        while counters["updates"] < args.pretrain_updates and not stop.requested:
-            self.train_step(self.offline, args.alpha_pretrain)  # critic trained too; α_pre = 0 except AntMaze
-            bar.update(1)
-            if counters["updates"] == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
-                rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
-                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
-            if counters["updates"] % args.log_interval == 0 or counters["updates"] in (1, args.pretrain_updates):
-                self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()})
-                if self.checkpoints.due(counters["updates"]):
-                    self.save_checkpoint()
-        bar.close()
-        if not stop.requested and not counters["pretrain_evaluated"]:
-            metrics = self.evaluate()
-            counters["pretrain_evaluated"] = True
-            self.log_row({"phase": "pretrain", **metrics})
-            print(f"after pretraining: return {metrics['eval/return_mean']:.3g}, "
-                  f"normalized score {metrics['eval/normalized_score_mean']:.3g}")
+        t0, agent, episodes, returns = time.perf_counter(), self.agent(args.g_online, explore=True), [], []
+        while not episodes or sum(len(e.rewards) for e in episodes) < (args.min_steps_per_round or 0):
+            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(episodes))
+            result = rollout(self.train_envs, agent, [episode_seed], record=True)
+            episodes.append(result.episodes[0])
+            returns.append(float(result.returns[0]))
+        steps = sum(len(e.rewards) for e in episodes)
+        counters["env_steps"] += steps
+        counters["rounds"] += 1
+        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": steps / len(episodes),
+                             "charts/SPS": steps / max(time.perf_counter() - t0, 1e-9)}
+        return episodes
+
+    def log_row(self, extra: dict, checkpoint: bool = False) -> None:
+        """A metrics row (the loop's position, mean statistics since the last row, `extra`), a checkpoint if asked."""
+        at, stats = self.counters, self.meter.pop()
+        run.check_finite(stats, at, self.run_dir)
+        self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"], **stats,
+                         **extra})
+        if checkpoint:
             self.save_checkpoint()
 
-    def finetune(self, stop: StopFlag) -> None:
-        """Online finetuning (Alg. 1 lines 4-10): rounds of rollouts, then `updates_per_round` updates. A stop
-        request is honoured between any two updates: the checkpoint holds the round's progress."""
-        args, counters = self.args, self.counters
-        bar = tqdm(total=args.online_steps, initial=min(counters["env_steps"], args.online_steps), desc="finetuning",
-                   disable=not args.progress or stop.requested, unit="step", dynamic_ncols=True)
-        while not stop.requested and (counters["round_updates_left"] > 0 or counters["env_steps"] < args.online_steps):
-            if counters["round_updates_left"] == 0:
-                bar.update(self.collect_round())
-                bar.set_postfix(ret=f"{counters['round']['rollout/return']:.4g}")
-            while counters["round_updates_left"] > 0 and not stop.requested:
-                self.train_step(self.replay, args.alpha_online)
-                counters["round_updates_left"] -= 1
-            if counters["round_updates_left"] == 0:
-                self.end_round()
-        bar.close()
-
-    def collect_round(self) -> int:
-        """Episodes conditioned on g_online until the round has `min_steps_per_round` steps (default: one)."""
-        args, counters = self.args, self.counters
-        t0, returns, lengths = time.perf_counter(), [], []
-        agent = self.agent(args.g_online, explore=True)
-        while not lengths or sum(lengths) < (args.min_steps_per_round or 0):
-            episode_seed = online_episode_seed(args.seed, counters["rounds"], index=len(lengths))
-            result = rollout(self.train_envs, agent, [episode_seed], record=True)
-            self.replay.add(result.episodes[0])  # hindsight relabeling happens in the replay: RTG from achieved rewards
-            returns.append(float(result.returns[0]))
-            lengths.append(int(result.lengths[0]))
-        counters["env_steps"] += sum(lengths)
-        counters["rounds"] += 1
-        counters["round_updates_left"] = args.updates_per_round
-        counters["round"] = {"rollout/return": float(np.mean(returns)), "rollout/length": float(np.mean(lengths)),
-                             "charts/SPS": sum(lengths) / max(time.perf_counter() - t0, 1e-9)}
-        return sum(lengths)
+    def log_pretraining(self) -> None:
+        """A metrics row every --log-interval updates (and after the first and the last), with a checkpoint when
+        one is due; the cost estimate after three updates (past the first calls' warm-up)."""
+        args, n = self.args, self.counters["updates"]
+        if n == 3 and not self.resumed:
+            rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
+            run.print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, rounds * args.updates_per_round)
+        if n % args.log_interval == 0 or n in (1, args.pretrain_updates):
+            self.log_row({"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()},
+                         checkpoint=self.checkpoints.due(n))
 
     def end_round(self) -> None:
-        """The round's metrics row, with an evaluation and a checkpoint when due (and after the last round)."""
-        counters, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
-        extra = {"phase": "online", **counters["round"], "charts/updates_per_second": self.meter.updates_per_second()}
-        if self.evaluations.due(counters["env_steps"]) or last:
+        """The round's metrics row, with an evaluation every --eval-interval env steps and a checkpoint when one is
+        due (both also after the last round)."""
+        at, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
+        extra = {"phase": "online", **at["round"], "charts/updates_per_second": self.meter.updates_per_second()}
+        if self.evaluations.due(at["env_steps"]) or last:
             extra.update(self.evaluate())
             self.final = {k: v for k, v in extra.items() if k.startswith("eval/")}
-        self.log_row(extra)
-        if self.checkpoints.due(counters["updates"]) or last:
-            self.save_checkpoint()
+        self.log_row(extra, checkpoint=self.checkpoints.due(at["updates"]) or last)
 
     def stopped(self) -> dict:
         self.save_checkpoint()
-        self.logger.close()
-        mark_stopped(self.run_dir, self.counters)
-        return {"stopped": True, "run_dir": str(self.run_dir)}
+        return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
         """Final metrics row (evaluating unless the last round did), model.pt and summary.json."""
@@ -1208,58 +868,50 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
-        if self.args.save_model:
-            atomic_save(self.model.state_dict(), self.run_dir / "model.pt")
         if self.args.capture_video:
-            record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
-                         seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.logger.close()
-        print(f"final: return {final['eval/return_mean']:.3g} ± {final['eval/return_std']:.3g}, normalized score "
-              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
-        return summary
+            run.record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
+                             seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
+        return run.finish_run(self.run_dir, self.logger, self.model if self.args.save_model else None, summary)
+
+
+def train(t: Trainer, stop: run.StopFlag) -> None:
+    """ODT Alg. 1 as ODT+TD3 runs it (§3.2, App. H): the same loop, each update a TD3 step (`t.train_step`),
+    with RL weight α_pretrain offline and α_online online. The loop's position is `t.counters` (updates, env steps,
+    rounds, updates left in the round), saved in every checkpoint: a stop request is honoured between any two
+    updates, and --resume continues from that point, mid-round included."""
+    args, at = t.args, t.counters
+    # Input π_θ: pretrained on every offline trajectory (Table 9: 5k-40k actor updates), then evaluated once
+    with run.progress_bar("pretraining", at["updates"], args.pretrain_updates, "upd", args.progress) as bar:
+        while at["updates"] < args.pretrain_updates and not stop.requested:
+            t.train_step(t.offline, args.alpha_pretrain)  # the critic learns too; α_pretrain = 0 except AntMaze
+            t.log_pretraining()  # a metrics row every --log-interval updates, a checkpoint when due
+            bar.update(1)
+    if not stop.requested and not at["pretrain_evaluated"]:
+        at["pretrain_evaluated"] = True
+        t.log_row({"phase": "pretrain", **t.evaluate()}, checkpoint=True)
+    # Line 2, T_replay ← the top-N offline trajectories, was done by Trainer()
+    with run.progress_bar("finetuning", at["env_steps"], args.online_steps, "step",
+                          args.progress and not stop.requested) as bar:
+        while not stop.requested and (at["round_updates_left"] > 0 or at["env_steps"] < args.online_steps):  # l. 3
+            if at["round_updates_left"] == 0:  # a new round (after a resume the loop may be in the middle of one)
+                for episode in t.explore():  # line 4: roll out μ_θ(·|s, g_online) with exploration noise
+                    t.replay.add(episode)  # line 5: FIFO (the oldest leaves); RTGs relabeled by achieved rewards
+                at["round_updates_left"] = args.updates_per_round
+                bar.update(at["env_steps"] - bar.n)
+            while at["round_updates_left"] > 0 and not stop.requested:  # line 6: I iterations of Alg. 2
+                t.train_step(t.replay, args.alpha_online)
+                at["round_updates_left"] -= 1
+            if at["round_updates_left"] == 0:
+                t.end_round()  # metrics row; evaluation every --eval-interval env steps and after the last round
 
 
 def main(args: Args, typed: set[str] | None = None) -> dict:
     args, data, device, run_dir, checkpoint = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, optimisers, replay; resumes a checkpoint
-    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
-    trainer.pretrain(stop)  # offline (Alg. 1 lines 1-3)
-    trainer.finetune(stop)  # online (Alg. 1 lines 4-10)
+    stop = run.StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    train(trainer, stop)  # Alg. 1: offline pretraining, then rounds of exploration and updates
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
-def record_video(make_env, agent, seed: int, path: Path) -> None:
-    """--capture-video: one deterministic evaluation episode as an mp4. Headless MuJoCo renders through EGL
-    (check_video_support); a rendering failure only warns, the trained model is saved already."""
-    try:
-        import imageio.v2 as imageio
-
-        env = make_env(render_mode="rgb_array")
-        obs, _ = env.reset(seed=seed)
-        agent.reset(obs[None].astype(np.float32))
-        frames, done = [env.render()], False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
-            agent.observe(np.array([reward], dtype=np.float32))
-            frames.append(env.render())
-            done = terminated or truncated
-        imageio.mimsave(path, frames, fps=30)
-        print(f"video of one evaluation episode ({len(frames)} frames): {path}")
-    except Exception as exc:  # e.g. no GL backend: MUJOCO_GL=egl needs libEGL, MUJOCO_GL=osmesa libOSMesa
-        print(f"warning: --capture-video failed ({exc}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    try:
-        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
-    except (UserError, DatasetError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFinished as done:
-        print(done)
-        sys.exit(0)
-    except KeyboardInterrupt:
-        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
+    run.cli(main, Args)

@@ -29,15 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import itertools
-import json
 import math
-import os
 import random
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +41,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
-from common.datasets import DatasetError, OfflineData, load_dataset
+from common import run
+from common.datasets import OfflineData, load_dataset
 from common.evaluation import evaluate, make_vector_env
-from common.run import atomic_save, checkpoint_write_failure, pick_device, resume_command, typed_fields, write_atomic
 
 
 @dataclass
@@ -105,71 +98,75 @@ class Args:
 
     # Algorithm specific arguments
     embed_dim: int = 256
-    """transformer width"""
+    """transformer width (Reinformer: 256)"""
     n_layers: int = 4
-    """transformer blocks"""
+    """transformer blocks (Reinformer: 4)"""
     n_heads: int = 8
-    """attention heads"""
+    """attention heads (Reinformer: 8)"""
     dropout: float = 0.1
-    """dropout in embeddings, attention and MLP"""
+    """dropout in embeddings, attention and MLP (Reinformer: 0.1)"""
     context_len: int | None = None
-    """training context length K (None: per-dataset default, 5; 1 for the toys)"""
+    """training context length K (None: per-dataset, DATASET_DEFAULTS: 5 as in Reinformer; 1 for one-step data)"""
     eval_context_len: int | None = None
     """evaluation context length (None: K); the upper limit of the adaptive context"""
     adaptive_context: bool = False
-    """AG §4.1: keep earlier steps in the action pass only while the previous R̂ exceeds the current one"""
+    """AG §4.1: the action pass keeps earlier steps only while the previous R̂ exceeds the current one (off:
+    Reinformer's fixed window)"""
     separate_networks: bool = False
-    """AG §4.1 variant: independent transformers for RTG and action prediction (default: one shared, Reinformer)"""
+    """AG §4.1: independent transformers for RTG and action prediction (off: one shared trunk, as Reinformer)"""
     batch_size: int = 128
-    """windows per gradient update"""
+    """windows per gradient update (Reinformer: 128)"""
     learning_rate: float | None = None
-    """LAMB learning rate (None: per-dataset default, 1e-4)"""
+    """LAMB learning rate (None: per-dataset, DATASET_DEFAULTS: 1e-4 as in Reinformer; 1e-3 for one-step data)"""
     weight_decay: float = 1e-4
-    """LAMB weight decay"""
+    """LAMB weight decay (Reinformer: 1e-4)"""
     warmup_steps: int | None = None
-    """linear learning-rate warm-up in gradient steps (None: per-dataset default, 5000)"""
+    """linear learning-rate warm-up in updates (None: per-dataset: 5000 as in Reinformer; 100 for one-step data)"""
     grad_clip: float = 0.25
-    """global gradient-norm clip"""
+    """global gradient-norm clip (Reinformer, as ODT Table C.1: 0.25)"""
     init_temperature: float = 0.1
-    """initial entropy temperature λ (log λ is learned)"""
+    """initial entropy temperature λ; log λ is learned (Reinformer: 0.1)"""
     temperature_lr: float = 1e-4
-    """Adam learning rate of log λ"""
+    """Adam learning rate of log λ (Reinformer, as ODT App. C: 1e-4)"""
     target_entropy: float | None = None
-    """entropy lower bound β (None: −dim(A))"""
+    """entropy lower bound β (None: −dim(A), as Reinformer and ODT Table C.1)"""
     expectile: float = 0.99
-    """τ of the max-return (expectile) loss on the predicted RTG"""
+    """τ of the max-return (expectile) loss on the predicted RTG (Reinformer §4: 0.99)"""
     rtg_scale: float | None = None
-    """multiplier of return-to-go tokens (None: 1/Reinformer's divisor: 1e-3 hopper/walker2d, 2e-4 halfcheetah)"""
+    """multiplier of return-to-go tokens (None: per-dataset, DATASET_DEFAULTS: 1 / Reinformer's RTG divisor,
+    1e-3 hopper/walker2d, 2e-4 halfcheetah, 1e-2 maze2d, 1e-4 Adroit, 1 AntMaze)"""
     conditioning: Literal["predicted", "target"] = "predicted"
-    """RTG at evaluation: 'predicted' (Reinformer) or 'target' (fixed g_eval, DT-style: the DT+AG ablation)"""
+    """RTG at evaluation: 'predicted' (Reinformer) or 'target' (fixed g_eval, DT-style: AG Table 3's DT+AG)"""
     g_eval: float | None = None
     """target return for --conditioning target (None: the dataset's D4RL expert reference return)"""
     critic_hidden: int = 256
-    """width of the IQL critic's two hidden layers"""
+    """width of the IQL critic's two hidden layers (IQL, arXiv 2110.06169: 256; AG §3.3 uses IQL)"""
     critic_lr: float = 3e-4
-    """Adam learning rate of the IQL critic (Q1, Q2 and V)"""
+    """Adam learning rate of the IQL critic, Q1, Q2 and V (IQL: 3e-4)"""
     critic_batch_size: int = 256
-    """transitions per critic update"""
+    """transitions per critic update (IQL: 256)"""
     critic_updates: int = 1
-    """critic updates per model update (the critic trains on the offline data only, AG §3.3)"""
+    """critic updates per model update (AG trains the critic separately, on the offline data only: §3.3)"""
     iql_expectile: float = 0.7
-    """τ of IQL's V loss (eq. 5; IQL's MuJoCo default)"""
+    """τ of IQL's V loss (AG eq. 5; IQL's MuJoCo value: 0.7)"""
     gamma: float = 0.99
-    """discount of the critic"""
+    """discount of the critic (IQL: 0.99)"""
     polyak: float = 0.005
-    """target-Q averaging rate"""
+    """target-Q averaging rate ρ (IQL: 0.005)"""
     ag_steps: int | None = None
-    """AG iterations n (0: plain Reinformer; None: per-dataset default from the sweep in docs/reinformer_ag.md)"""
+    """AG iterations n, 0: plain RF (None: per-dataset, DATASET_DEFAULTS: 3, one-step data 10; the paper states
+    none, Fig. 3 ablates n: the values of the sweep in docs/reinformer_ag.md)"""
     ag_lr: float | None = None
-    """AG step size η (None: per-dataset default from the sweep in docs/reinformer_ag.md)"""
+    """AG step size η (None: per-dataset, DATASET_DEFAULTS: 1e-3, one-step data 0.3; the paper states none,
+    Fig. 3 ablates η: the values of the sweep in docs/reinformer_ag.md)"""
     ag_method: Literal["sgd", "momentum", "rmsprop", "adam"] = "sgd"
-    """AG update: eq. 1 (sgd), eq. 6 (momentum), eq. 7 (rmsprop) or eq. 8 (adam)"""
+    """AG update: eq. 1 (sgd), eq. 6 (momentum), eq. 7 (rmsprop) or eq. 8 (adam); AG Table 4 compares them"""
     ag_zeta1: float = 0.9
-    """ζ of momentum (eq. 6) and ζ₁ of Adam (eq. 8)"""
+    """ζ of momentum (eq. 6) and ζ₁ of Adam (eq. 8) (not stated in AG; Adam's usual 0.9)"""
     ag_zeta2: float = 0.999
-    """ζ of RMSProp (eq. 7) and ζ₂ of Adam (eq. 8)"""
+    """ζ of RMSProp (eq. 7) and ζ₂ of Adam (eq. 8) (not stated in AG; Adam's usual 0.999)"""
     ag_eps: float = 1e-8
-    """ε of RMSProp / Adam"""
+    """ε of RMSProp / Adam (not stated in AG; Adam's usual 1e-8)"""
     eval_only: str | None = None
     """evaluate the trained model of this run folder (no training) for every (η, n) of the sweep lists"""
     sweep_ag_lr: tuple[float, ...] = ()
@@ -178,20 +175,22 @@ class Args:
     """n values for --eval-only (empty: --ag-steps)"""
 
 
-# Per-dataset defaults. Keys: "<family>-<kind>" first, then "<family>". Reinformer's RTG divisors; AG's η, n
-# come from the evaluation-only sweep in docs/reinformer_ag.md (the paper does not state them).
+# Per-dataset defaults, for every field left at None; keys "<family>-<kind>" first, then "<family>", then
+# COMMON_DEFAULTS. RTG scale = 1 / Reinformer's RTG divisor per domain (arXiv 2405.08740, its public code).
 DATASET_DEFAULTS: dict[str, dict] = {
-    "hopper": dict(rtg_scale=1e-3),
-    "walker2d": dict(rtg_scale=1e-3),
-    "halfcheetah": dict(rtg_scale=2e-4),
-    "maze2d": dict(rtg_scale=1e-2),
-    **{adroit: dict(rtg_scale=1e-4) for adroit in ("pen", "hammer", "door", "relocate")},
-    "antmaze": dict(rtg_scale=1.0),
-    # One-step datasets (the toy of AG §3.1, under any id): one token per window; return scale and
-    # target come from the data (one_step_defaults).
+    # family       RTG scale
+    "hopper":      dict(rtg_scale=1e-3),  # 1/1000
+    "walker2d":    dict(rtg_scale=1e-3),  # 1/1000
+    "halfcheetah": dict(rtg_scale=2e-4),  # 1/5000
+    "maze2d":      dict(rtg_scale=1e-2),  # 1/100
+    **{adroit: dict(rtg_scale=1e-4) for adroit in ("pen", "hammer", "door", "relocate")},  # Adroit: 1/10000
+    "antmaze":     dict(rtg_scale=1.0),  # 0/1 returns: unscaled
+    # one-step datasets (AG §3.1's toy, under any id): one token per window, return scale and target from the data
     "one-step": dict(pretrain_updates=1500, context_len=1, learning_rate=1e-3, warmup_steps=100,
                      ag_steps=10, ag_lr=0.3),
 }
+# Reinformer's common settings (AG §4.1 also uses one set for every dataset); AG's n and η are not stated in the
+# paper (Fig. 3 ablates them): the values of the evaluation-only sweep in docs/reinformer_ag.md.
 COMMON_DEFAULTS = dict(pretrain_updates=50_000, context_len=5, learning_rate=1e-4, warmup_steps=5000, rtg_scale=1e-3,
                        ag_steps=3, ag_lr=1e-3)
 
@@ -236,17 +235,12 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
         print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
               + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
                           for k, v in filled.items()))
-    if args.eval_context_len is None:
-        args.eval_context_len = args.context_len
+    args.eval_context_len = args.eval_context_len or args.context_len  # None: the training K
     if args.conditioning == "target" and args.g_eval is None:
-        raise UserError(f"No default target return is known for '{args.env_id}' (no reference score). "
-                        f"Pass --g-eval with --conditioning target.")
-    for name in ("context_len", "eval_context_len", "batch_size", "critic_batch_size", "critic_updates",
-                 "eval_episodes"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+        raise run.UserError(f"No default target return is known for '{args.env_id}' (no reference score). "
+                            f"Pass --g-eval with --conditioning target.")
     if args.ag_steps < 0 or args.ag_lr < 0:
-        raise UserError(f"--ag-steps and --ag-lr must be non-negative (got {args.ag_steps}, {args.ag_lr}).")
+        raise run.UserError(f"--ag-steps and --ag-lr must be non-negative (got {args.ag_steps}, {args.ag_lr}).")
     return args
 
 
@@ -315,11 +309,8 @@ class Block(nn.Module):
 
 
 def attention_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, 1, 3K, 3K) mask, True where a token may attend: causal, and never to masked steps.
-
-    Used only by the adaptive evaluation context (training windows are right-padded: causal is enough).
-    Every token may also attend to itself, so no softmax row is empty.
-    """
+    """Boolean (B, 1, 3K, 3K) mask, True where a token may attend: causal, never to masked steps, always to itself
+    (no empty softmax row). Only the adaptive evaluation context needs it: training windows are right-padded."""
     tokens = valid.repeat_interleave(3, dim=1)  # (s, R, a) per step
     n = tokens.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
@@ -358,10 +349,8 @@ class Trunk(nn.Module):
 
 
 class Reinformer(nn.Module):
-    """R̂_t from the state token, the action distribution from the RTG token (Reinformer §4).
-
-    With `separate` (AG §4.1) the RTG and the action come from two independent trunks.
-    """
+    """R̂_t from the state token, the action distribution from the RTG token (Reinformer §4); with `separate`
+    (AG §4.1) the RTG and the action come from two independent trunks."""
 
     def __init__(self, state_dim: int, act_dim: int, embed_dim: int, n_layers: int, n_heads: int,
                  dropout: float, max_ep_len: int, separate: bool, precision: str = "fp32"):
@@ -434,62 +423,6 @@ class IQLCritic(nn.Module):
     def update_targets(self, polyak: float) -> None:
         targets = [*self.q1_target.parameters(), *self.q2_target.parameters()]
         torch._foreach_lerp_(targets, [*self.q1.parameters(), *self.q2.parameters()], polyak)  # θ' ← θ' + ρ(θ − θ')
-
-
-def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
-    """L2^τ(u) = |τ − 1(u < 0)|·u² elementwise (AG eq. 5; Reinformer's max-return loss)."""
-    return (tau - (u < 0).float()).abs() * u.square()
-
-
-def iql_losses(critic: IQLCritic, batch: dict, args) -> tuple[torch.Tensor, dict]:
-    s, a, r, s2, done = batch["states"], batch["actions"], batch["rewards"], batch["next_states"], batch["dones"]
-    with torch.no_grad():
-        q_target_sa = critic.target_q(s, a)
-        q_backup = r + args.gamma * (1.0 - done) * critic.v(s2).squeeze(-1)  # eq. (4); no bootstrap at terminals
-    v = critic.v(s).squeeze(-1)
-    v_loss = expectile_loss(q_target_sa - v, args.iql_expectile).mean()  # eq. (5)
-    q1, q2 = critic.q_values(s, a)
-    q_loss = F.mse_loss(q1, q_backup) + F.mse_loss(q2, q_backup)  # eq. (4), both Qs
-    return v_loss + q_loss, {"train/critic_q_loss": q_loss, "train/critic_v_loss": v_loss,
-                             "train/critic_q_mean": q1.mean()}
-
-
-# ALGO LOGIC: Action Gradient (AG eqs. 1-2, 6-8, Algorithm 1)
-def action_gradient(q_fn, states: torch.Tensor, a0: torch.Tensor, steps: int, lr: float, method: str,
-                    low: torch.Tensor, high: torch.Tensor, zeta1: float = 0.9, zeta2: float = 0.999,
-                    eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """n ascent steps on Q(s, ·) from a⁰ for every env at once, then the argmax-Q iterate among {a⁰, …, aⁿ}.
-
-    Returns the chosen actions (N, A) and the index of the chosen iterate (N,) (0 = the model's action).
-    """
-    iterates, a = [a0], a0
-    m = torch.zeros_like(a0)  # first moment (eq. 6: v; eq. 8: m)
-    r = torch.zeros_like(a0)  # second moment (eq. 7: r; eq. 8: v)
-    for _ in range(steps):
-        with torch.enable_grad():
-            a_var = a.detach().requires_grad_(True)
-            g = torch.autograd.grad(q_fn(states, a_var).sum(), a_var)[0]  # ∇_a Q(s, aⁱ), per env
-        if method == "sgd":
-            step = g  # eq. (1)
-        elif method == "momentum":
-            m = m + zeta1 * g  # eq. (6) as printed: vⁱ = vⁱ⁻¹ + ζ∇Q
-            step = m
-        elif method == "rmsprop":
-            r = zeta2 * r + (1 - zeta2) * g.square()  # eq. (7)
-            step = g / (r.sqrt() + eps)
-        elif method == "adam":
-            m = zeta1 * m + (1 - zeta1) * g  # eq. (8) as printed: bias correction by (1 − ζ)
-            r = zeta2 * r + (1 - zeta2) * g.square()
-            step = (m / (1 - zeta1)) / ((r / (1 - zeta2)).sqrt() + eps)
-        else:
-            raise ValueError(method)
-        a = torch.max(torch.min(a + lr * step, high), low)  # stay in the action range
-        iterates.append(a)
-    cand = torch.stack(iterates, dim=1)  # (N, n+1, A)
-    n, k = cand.shape[:2]
-    q = q_fn(states.repeat_interleave(k, 0), cand.reshape(n * k, -1)).reshape(n, k)
-    best = q.argmax(dim=1)  # eq. (2); a tie keeps the earliest iterate, so a⁰ wins when nothing improves
-    return cand[torch.arange(n, device=cand.device), best], best
 
 
 # ALGO LOGIC: LAMB optimiser (You et al., 2019, arXiv 1904.00962, Alg. 2; ODT App. C)
@@ -609,50 +542,113 @@ class OfflineDataset:
         return {k: self.flat[k][idx] for k in ("states", "actions", "rewards", "next_states", "dones")}
 
 
-# ALGO LOGIC: losses and the update step
-def reinformer_losses(model: Reinformer, log_temperature: torch.Tensor, batch: dict, args):
-    """Max-return loss + NLL − λ·H for θ, and the dual loss for log λ; all masked to valid tokens."""
+# ALGO LOGIC: the losses, and one update of each network (AG Alg. 1, "Training")
+def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """L2^τ(u) = |τ − 1(u < 0)|·u² elementwise (AG eq. 5; Reinformer's max-return loss)."""
+    return (tau - (u < 0).float()).abs() * u.square()
+
+
+def reinformer_losses(model: Reinformer, log_temperature: torch.Tensor, batch: dict, expectile: float,
+                      target_entropy: float):
+    """Reinformer §4: max-return loss + NLL − λ·H for θ (ODT eq. 6 plus the max-return term), and the dual loss
+    of log λ (ODT eq. 7); all masked to valid tokens."""
     rtg_pred, mu = model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"])
     valid = batch["valid"].float()
     n_valid = valid.sum()
     target = batch["rtg"]
     # Max-return loss: expectile regression of R̂ towards R, residual normalised by mean |R| (τ = 0.99).
     u = (target - rtg_pred) / ((target.abs() * valid).sum() / n_valid).clamp(min=1e-8)
-    rtg_loss = (expectile_loss(u, args.expectile) * valid).sum() / n_valid
+    rtg_loss = (expectile_loss(u, expectile) * valid).sum() / n_valid
     log_std = model.clamped_log_std()
     log_prob = (-0.5 * ((batch["actions"] - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi))
     nll = -(log_prob.sum(-1) * valid).sum() / n_valid
     entropy = (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum()  # closed form, the same at every token
     temperature = log_temperature.exp()
     loss = rtg_loss + nll - temperature.detach() * entropy
-    temperature_loss = temperature * (entropy - args.target_entropy).detach()  # raises λ when H < β (ODT eq. 6)
+    temperature_loss = temperature * (entropy - target_entropy).detach()  # raises λ when H < β
     return loss, temperature_loss, {"train/rtg_loss": rtg_loss, "train/nll": nll, "train/entropy": entropy,
                                     "train/loss": loss, "train/temperature": temperature}
 
 
-def update(model, optimizer, scheduler, log_temperature, temperature_optimizer, critic, critic_optimizer,
-           data: OfflineDataset, rng: np.random.Generator, args):
+def reinformer_update(model, optimizer, scheduler, log_temperature, temperature_optimizer, batch: dict, *,
+                      expectile: float, target_entropy: float, grad_clip: float) -> dict:
+    """One LAMB step of θ (clipped gradient, warm-up schedule) and one Adam step of log λ on a batch of windows."""
     model.train()
-    loss, temperature_loss, stats = reinformer_losses(model, log_temperature,
-                                                      data.sample(args.batch_size, args.context_len, rng), args)
+    loss, temperature_loss, stats = reinformer_losses(model, log_temperature, batch, expectile, target_entropy)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     temperature_optimizer.zero_grad(set_to_none=True)
     temperature_loss.backward()
     temperature_optimizer.step()
-    for _ in range(args.critic_updates):  # the critic never sees AG-adjusted actions (AG §3.3)
-        critic_loss, critic_stats = iql_losses(critic, data.sample_transitions(args.critic_batch_size, rng), args)
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        critic_optimizer.step()
-        critic.update_targets(args.polyak)
-    return {k: v.detach() for k, v in {**stats, **critic_stats}.items()}
+    return {k: v.detach() for k, v in stats.items()}
 
 
-# ALGO LOGIC: acting in the environment
+def iql_losses(critic: IQLCritic, batch: dict, gamma: float, expectile: float) -> tuple[torch.Tensor, dict]:
+    """AG eqs. (4)-(5) with IQL's twin Qs: both Qs regress on r + γV(s'), V on the τ-expectile of min Q'(s, a)."""
+    s, a, r, s2, done = batch["states"], batch["actions"], batch["rewards"], batch["next_states"], batch["dones"]
+    with torch.no_grad():
+        q_target_sa = critic.target_q(s, a)
+        q_backup = r + gamma * (1.0 - done) * critic.v(s2).squeeze(-1)  # eq. (4); no bootstrap at terminals
+    v = critic.v(s).squeeze(-1)
+    v_loss = expectile_loss(q_target_sa - v, expectile).mean()  # eq. (5)
+    q1, q2 = critic.q_values(s, a)
+    q_loss = F.mse_loss(q1, q_backup) + F.mse_loss(q2, q_backup)  # eq. (4), both Qs
+    return v_loss + q_loss, {"train/critic_q_loss": q_loss, "train/critic_v_loss": v_loss,
+                             "train/critic_q_mean": q1.mean()}
+
+
+def iql_update(critic: IQLCritic, critic_optimizer, batch: dict, *, gamma: float, expectile: float,
+               polyak: float) -> dict:
+    """One Adam step of Q1, Q2 and V on a batch of transitions, then one Polyak step of the target Qs."""
+    loss, stats = iql_losses(critic, batch, gamma, expectile)
+    critic_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    critic_optimizer.step()
+    critic.update_targets(polyak)
+    return {k: v.detach() for k, v in stats.items()}
+
+
+# ALGO LOGIC: Action Gradient (AG eqs. 1-2, 6-8), then acting in the environment (AG Alg. 1, "Inference")
+def action_gradient(q_fn, states: torch.Tensor, a0: torch.Tensor, steps: int, lr: float, method: str,
+                    low: torch.Tensor, high: torch.Tensor, zeta1: float = 0.9, zeta2: float = 0.999,
+                    eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """n ascent steps on Q(s, ·) from a⁰ for every env at once, then the argmax-Q iterate among {a⁰, …, aⁿ}.
+
+    Returns the chosen actions (N, A) and the index of the chosen iterate (N,) (0 = the model's action).
+    """
+    iterates, a = [a0], a0
+    m = torch.zeros_like(a0)  # first moment (eq. 6: v; eq. 8: m)
+    r = torch.zeros_like(a0)  # second moment (eq. 7: r; eq. 8: v)
+    for _ in range(steps):
+        with torch.enable_grad():
+            a_var = a.detach().requires_grad_(True)
+            g = torch.autograd.grad(q_fn(states, a_var).sum(), a_var)[0]  # ∇_a Q(s, aⁱ), per env
+        if method == "sgd":
+            step = g  # eq. (1)
+        elif method == "momentum":
+            m = m + zeta1 * g  # eq. (6) as printed: vⁱ = vⁱ⁻¹ + ζ∇Q
+            step = m
+        elif method == "rmsprop":
+            r = zeta2 * r + (1 - zeta2) * g.square()  # eq. (7)
+            step = g / (r.sqrt() + eps)
+        elif method == "adam":
+            m = zeta1 * m + (1 - zeta1) * g  # eq. (8) as printed: bias correction by (1 − ζ)
+            r = zeta2 * r + (1 - zeta2) * g.square()
+            step = (m / (1 - zeta1)) / ((r / (1 - zeta2)).sqrt() + eps)
+        else:
+            raise ValueError(method)
+        a = torch.max(torch.min(a + lr * step, high), low)  # stay in the action range
+        iterates.append(a)
+    cand = torch.stack(iterates, dim=1)  # (N, n+1, A)
+    n, k = cand.shape[:2]
+    q = q_fn(states.repeat_interleave(k, 0), cand.reshape(n * k, -1)).reshape(n, k)
+    best = q.argmax(dim=1)  # eq. (2); a tie keeps the earliest iterate, so a⁰ wins when nothing improves
+    return cand[torch.arange(n, device=cand.device), best], best
+
+
 class RFAgent:
     """Keeps the per-env context for rollouts (common.evaluation.Policy); all envs step in lockstep.
 
@@ -665,10 +661,8 @@ class RFAgent:
         self.model, self.critic, self.args, self.device = model, critic, args, device
         self.context_len, self.max_ep_len = args.eval_context_len, max_ep_len
         self.ag_steps, self.ag_lr = ag_steps, ag_lr
-        self.mean = torch.as_tensor(state_mean, device=device)
-        self.std = torch.as_tensor(state_std, device=device)
-        self.low = torch.as_tensor(low, device=device, dtype=torch.float32)
-        self.high = torch.as_tensor(high, device=device, dtype=torch.float32)
+        self.mean, self.std = torch.as_tensor(state_mean, device=device), torch.as_tensor(state_std, device=device)
+        self.low, self.high = (torch.as_tensor(x, device=device, dtype=torch.float32) for x in (low, high))
         self.act_dim = model.log_std.shape[0]
         self.stats = {"changed": 0.0, "q_gain": 0.0, "shift": 0.0, "n": 0}
 
@@ -730,8 +724,7 @@ class RFAgent:
 def evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, *, ag_steps: int, ag_lr: float) -> dict:
     """Plain RF (`eval_rf/...`) and RF+AG (`eval/...`) on the same episode seeds; with n = 0 both are RF."""
     seeds = eval_seeds(args.seed, args.eval_episodes)  # same every evaluation
-    space = eval_envs.single_action_space
-    metrics = {}
+    space, metrics = eval_envs.single_action_space, {}
     for prefix, steps in (("eval_rf", 0), ("eval", ag_steps)):
         if prefix == "eval" and steps == 0:
             metrics.update({k.replace("eval_rf/", "eval/"): v for k, v in metrics.items()})
@@ -750,291 +743,28 @@ def evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, *, a
     return metrics
 
 
-# TRY NOT TO MODIFY: run folder, metrics, checkpoints, errors
 def eval_seeds(seed: int, n: int) -> list[int]:
     """Reset seeds of the n evaluation episodes: the same episodes at every evaluation of a run."""
     return [10_000 + seed * 1000 + i for i in range(n)]
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-class NonFiniteLossError(UserError):
-    pass
-
-
-class RunFinished(Exception):
-    """--resume of a run that has already finished: nothing to do."""
-
-
-EXIT_STOPPED = 3  # exit status of a run stopped by Ctrl-C / SIGTERM after checkpointing (resumable)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" → bf16 autocast where the hardware runs bfloat16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), else fp32. Weights, optimiser state and losses stay fp32 in both cases."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def apply_preset(args: Args, typed: set[str] | None) -> Args:
-    """--preset cpu: the CPU-scale protocol (PRESETS["cpu"]) for every field the command line did not set
-    (`typed`, from common.run.typed_fields); called from Python (typed=None), for every field at its default."""
-    if args.preset == "paper":
-        return args
-    if typed is None:
-        typed = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
-    changed = {k: v for k, v in PRESETS[args.preset].items() if k not in typed}
-    for key, value in changed.items():
-        setattr(args, key, value)
-    print(f"--preset {args.preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    return args
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Fail before any work if `folder` (or the nearest existing parent, where it would be created) is not
-    writable: a probe file is created and removed, which also catches read-only file systems."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"Cannot write {what} to {folder.absolute()} ({exc}). Run from a writable directory "
-                        f"or make {existing} writable.") from None
-
-
-def check_video_support() -> None:
-    """--capture-video needs imageio and imageio-ffmpeg: checked before any work, not after training."""
-    try:
-        import imageio.v2  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"--capture-video needs imageio and imageio-ffmpeg ({exc}). Install them with "
-                        "pip install -e '.[video]', or run without --capture-video.") from None
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders off-screen through EGL
-
-
-def validate_args(args: Args) -> None:
-    """Budgets and sizes, checked before the dataset is loaded."""
-    at_least = {name: low for name, low in VALID_MIN.items() if getattr(args, name, None) is not None
-                and getattr(args, name) < low}
-    if at_least:
-        raise UserError("Invalid flags: " + "; ".join(f"--{k.replace('_', '-')} must be ≥ {v} (got {getattr(args, k)})"
-                                                     for k, v in at_least.items()) + ".")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"Invalid flags: --dropout must be in [0, 1) (got {args.dropout}).")
-    if args.embed_dim is not None and args.embed_dim % args.n_heads:
-        raise UserError(f"Invalid flags: --embed-dim ({args.embed_dim}) must be divisible by --n-heads "
-                        f"({args.n_heads}).")
-    if args.capture_video:
-        check_video_support()
-
-
-class RunLogger:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None, resume_rows: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
-        if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
-            lines = [line for line in self.path.read_text().splitlines() if line]
-            rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
-                    else [line for line in lines if json.loads(line)["global_step"] <= resume_step])
-            write_atomic(self.path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite must not lose rows
-            self.rows = len(rows)
-        self.file = self.path.open("a")
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                                    name=run_dir.name, id=run_dir.name.replace("/", "_"), resume="allow",
-                                    dir=str(run_dir))
-
-    def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.rows += 1
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["global_step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def prepare_run(args: Args) -> tuple[Args, Path, dict | None]:
-    """Name a fresh run folder, or validate --resume and load its config and checkpoint."""
-    script = Path(__file__).name
-    if args.resume is None:  # the folder itself is made once the dataset has loaded (start_run_folder)
-        run_dir = Path("runs") / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        check_writable(run_dir, "the run folder")
-        return args, run_dir, None
-    run_dir = Path(args.resume)
-    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file():
-        raise UserError(f"--resume {run_dir}: no config.json there. Pass a run folder created by {script} "
-                        f"(runs/<env>__<exp>__<seed>__<time>/).")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != script:
-        raise UserError(f"--resume {run_dir}: that run was made by {config.get('script', 'another script')}, "
-                        f"not {script}. Resume it with that script.")
-    if (run_dir / "summary.json").is_file():
-        raise RunFinished(f"--resume {run_dir}: that run has finished (summary.json is there); nothing to do. "
-                          f"Start a new run to train again.")
-    check_writable(run_dir, "checkpoints and metrics")
-    if not ckpt_path.is_file():
-        raise UserError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first checkpoint, "
-                        f"or was started with --no-save-model). Start a new run instead.")
-    fields = {f.name for f in dataclasses.fields(Args)}
-    saved = Args(**{k: v for k, v in config["args"].items() if k in fields})
-    saved.resume, saved.progress = args.resume, args.progress
-    (run_dir / "STOPPED").unlink(missing_ok=True)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
-    return saved, run_dir, checkpoint
-
-
-def start_run_folder(run_dir: Path, config: dict) -> None:
-    """Create a new run's folder and write config.json (after the dataset and defaults are resolved)."""
-    if not (run_dir / "config.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def mark_stopped(run_dir: Path, counters: dict) -> None:
-    """A stopped run's folder says so: STOPPED holds the command that continues it (removed on resume)."""
-    command = resume_command(sys.argv[0], run_dir)
-    (run_dir / "STOPPED").write_text(f"stopped at update {counters['updates']}, env step {counters['env_steps']}; "
-                                     f"continue with:\n  {command}\n")
-    print(f"Stopped at update {counters['updates']}, env step {counters['env_steps']}. Continue with:\n  {command}")
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Atomic (staging file + rename): a crash or a full disk never leaves a half-written checkpoint."""
-    try:
-        atomic_save(state, run_dir / "checkpoint.pt")
-    except OSError as exc:  # e.g. ENOSPC: stop with one message, the last checkpoint still resumes
-        raise UserError(checkpoint_write_failure(run_dir, exc, sys.argv[0])) from None
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next safe point and checkpoint there."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping at the next safe point (Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-
-class StatsMeter:
-    """Sums each update's training statistics on the device (no host sync per update) until a metrics row
-    takes their mean; part of the checkpoint, so a row spanning a stop/resume averages the same updates."""
-
-    def __init__(self):
-        self.keys: list[str] = []
-        self.sum: torch.Tensor | None = None
-        self.n, self.seconds = 0, 0.0
-
-    def add(self, stats: dict[str, torch.Tensor], seconds: float) -> None:
-        self.keys = list(stats)
-        vec = torch.stack([stats[k].float() for k in self.keys])
-        self.sum = vec if self.sum is None else self.sum + vec
-        self.n, self.seconds = self.n + 1, self.seconds + seconds
-
-    def updates_per_second(self) -> float:
-        return self.n / max(self.seconds, 1e-9)
-
-    def pop(self) -> dict[str, float]:
-        means = dict(zip(self.keys, (self.sum / self.n).tolist(), strict=True)) if self.n else {}
-        self.sum, self.n, self.seconds = None, 0, 0.0
-        return means
-
-    def state_dict(self) -> dict:
-        return {"keys": self.keys, "sum": self.sum, "n": self.n, "seconds": self.seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.keys, self.sum, self.n, self.seconds = state["keys"], state["sum"], state["n"], state["seconds"]
-
-
-def print_cost_estimate(seconds_per_update: float, args: Args, online_updates: float) -> None:
-    """What the whole run costs on this device at this size, from the time of the first few updates."""
-    hours = lambda n: f"{n * seconds_per_update / 3600:.3g} h" if n * seconds_per_update >= 3600 else \
-        f"{n * seconds_per_update / 60:.3g} min"
-    text = f"cost estimate: {seconds_per_update:.3g} s per update; pretraining {args.pretrain_updates} updates ≈ " \
-           f"{hours(args.pretrain_updates)}"
-    if online_updates:
-        text += f", finetuning ≥ {online_updates:.0f} updates ≈ {hours(online_updates)} (more if episodes end early)"
-    if (args.pretrain_updates + online_updates) * seconds_per_update > 4 * 3600 and args.preset == "paper":
-        text += ". For a CPU-scale run add --preset cpu (values in PRESETS, printed when used)"
-    print(text + ".")
-
-
-def check_finite(stats: dict[str, float], counters: dict, run_dir: Path) -> None:
-    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    if bad:
-        kept = (f"the last good checkpoint in {run_dir} was kept (it was saved before this happened); lower "
-                f"--learning-rate or --grad-clip and continue with --resume {run_dir}, or start a new run"
-                if (run_dir / "checkpoint.pt").exists() else "no checkpoint had been written yet; start a new run "
-                "with a lower --learning-rate or --grad-clip")
-        raise NonFiniteLossError(f"Non-finite values ({', '.join(bad)}) at update {counters['updates']}. "
-                                 f"Training stopped: {kept}.")
-
-
-# Training: set-up, the run state and its offline phase (AG Alg. 1); --eval-only
+# The run: set-up, the run state and the training loop (AG Alg. 1); --eval-only
 def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData, torch.device, Path, dict | None]:
     """Flags, seeds, device, dataset and run folder; the checkpoint to resume from (None: a new run)."""
-    validate_args(args)
-    args, run_dir, checkpoint = prepare_run(args)
-    args = apply_preset(args, typed) if checkpoint is None and args.eval_only is None else args
+    run.validate_args(args, VALID_MIN)
+    args, run_dir, checkpoint = run.prepare_run(args, Path(__file__).name)
+    args = run.apply_preset(args, typed, PRESETS) if checkpoint is None and args.eval_only is None else args
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = pick_device(args.cuda, typed)
-    args.precision = resolve_precision(args.precision, device)
+    device = run.pick_device(args.cuda, typed)
+    args.precision = run.resolve_precision(args.precision, device)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
-    validate_args(args)
-    start_run_folder(run_dir, {"script": Path(__file__).name, "args": dataclasses.asdict(args), "dataset": data.source,
-                               "obs_dim": data.obs_dim, "act_dim": data.act_dim, "device": str(device)})
-    print(f"{Path(__file__).name}: {args.env_id} ({data.source}), {len(data.episodes)} trajectories, "
-          f"device {device} ({args.precision}), run folder {run_dir}")
+    run.validate_args(args, VALID_MIN)
+    run.open_run_folder(run_dir, Path(__file__).name, args, data, device)  # config.json, and the run's first line
     return args, data, device, run_dir, checkpoint
 
 
@@ -1045,27 +775,12 @@ def make_eval_envs(args: Args, data: OfflineData):
 
 
 def make_model(args: Args, data: OfflineData, device: torch.device, max_ep_len: int) -> Reinformer:
-    return Reinformer(data.obs_dim, data.act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers,
-                      n_heads=args.n_heads, dropout=args.dropout, max_ep_len=max_ep_len,
-                      separate=args.separate_networks, precision=args.precision).to(device)
-
-
-class Interval:
-    """`due(n)` is True once each time the counter n passes a multiple of `every` (counted from `start`)."""
-
-    def __init__(self, every: int, start: int):
-        self.every, self.last = every, start // every
-
-    def due(self, n: int) -> bool:
-        if n // self.every <= self.last:
-            return False
-        self.last = n // self.every
-        return True
+    return Reinformer(data.obs_dim, data.act_dim, args.embed_dim, args.n_layers, args.n_heads, args.dropout,
+                      max_ep_len, separate=args.separate_networks, precision=args.precision).to(device)
 
 
 class Trainer:
-    """The run state (model, critic, optimisers, offline data, counters, metrics); `state_dict()` is the
-    checkpoint."""
+    """The run state (networks, optimisers, data, counters): `state_dict()` is the checkpoint, `train()` Alg. 1."""
 
     def __init__(self, args: Args, data: OfflineData, device: torch.device, run_dir: Path, checkpoint: dict | None):
         self.args, self.data, self.device, self.run_dir = args, data, device, run_dir
@@ -1084,13 +799,13 @@ class Trainer:
         self.offline = OfflineDataset(data, args.rtg_scale, self.max_ep_len, device)
 
         self.counters = {"updates": 0, "env_steps": 0, "rounds": 0}
-        self.meter = StatsMeter()
+        self.meter = run.StatsMeter()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                self.counters.get("metrics_rows"))
-        self.checkpoints = Interval(args.checkpoint_interval, start=self.counters["updates"])
+        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
+                                    self.counters.get("metrics_rows"))
+        self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
         self.final, self.final_at = {}, -1  # the latest evaluation in this process, and its update
         self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
@@ -1099,7 +814,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "log_temperature": self.log_temperature.detach().cpu(),
                 "temperature_optimizer": self.temperature_optimizer.state_dict(), "critic": self.critic.state_dict(),
                 "critic_optimizer": self.critic_optimizer.state_dict(), "counters": dict(self.counters),
-                "meter": self.meter.state_dict(), "rng": rng_state(self.rng)}
+                "meter": self.meter.state_dict(), "rng": run.rng_state(self.rng)}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -1112,132 +827,98 @@ class Trainer:
         self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
         self.counters.update(checkpoint["counters"])
         self.meter.load_state_dict(checkpoint["meter"])
-        restore_rng_state(self.rng, checkpoint["rng"])
+        run.restore_rng_state(self.rng, checkpoint["rng"])
         print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}")
 
-    def save_checkpoint(self) -> None:
-        self.counters["wall_time_s"] = time.time() - self.start_time
-        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
-        if self.args.save_model:
-            save_checkpoint(self.run_dir, self.state_dict())
-
-    def evaluate(self) -> dict:
-        """Plain RF (`eval_rf/...`) and RF+AG (`eval/...`) with the run's n and η (Alg. 1, "Inference")."""
-        return evaluate_both(self.model, self.critic, self.args, self.data, self.eval_envs, self.device,
-                             self.max_ep_len, ag_steps=self.args.ag_steps, ag_lr=self.args.ag_lr)
-
-    def train_step(self) -> None:
-        t0 = time.perf_counter()
-        stats = update(self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                       log_temperature=self.log_temperature, temperature_optimizer=self.temperature_optimizer,
-                       critic=self.critic, critic_optimizer=self.critic_optimizer, data=self.offline, rng=self.rng,
-                       args=self.args)
-        self.counters["updates"] += 1
-        self.meter.add(stats, time.perf_counter() - t0)
-
-    def log_row(self, extra: dict) -> None:
-        row = {"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
-               "rounds": self.counters["rounds"]}
-        stats = self.meter.pop()
-        check_finite(stats, self.counters, self.run_dir)
-        self.logger.log({**row, **stats, **extra})
-
-    def train(self, stop: StopFlag) -> None:
-        """Offline updates of Reinformer and the critic (Alg. 1, "Training"). A row every `log_interval` updates
-        (and after the first and the last), with an evaluation when the update is a multiple of `eval_interval`
-        (or the last) and a checkpoint at the first row past each `checkpoint_interval`. A cost estimate after
-        three updates."""
-        args, counters = self.args, self.counters
-        bar = tqdm(total=args.pretrain_updates, initial=min(counters["updates"], args.pretrain_updates),
-                   desc="training", disable=not args.progress, unit="upd", dynamic_ncols=True)
-        while counters["updates"] < args.pretrain_updates and not stop.requested:
-            self.train_step()
+    def train(self, stop: run.StopFlag) -> None:
+        """AG Alg. 1, "Training": train π_θ (Reinformer) and Q_φ (IQL) with D, one step of each per update; and its
+        "Inference" (RF and RF+AG) on the rows at multiples of eval_interval and after the last update. A metrics row
+        every log_interval updates and after the first; a checkpoint at the first row past each checkpoint_interval."""
+        a, counters = self.args, self.counters
+        bar = run.progress_bar("training", counters["updates"], a.pretrain_updates, "upd", a.progress)
+        while counters["updates"] < a.pretrain_updates and not stop.requested:  # a stop: between two updates
+            t0 = time.perf_counter()
+            windows = self.offline.sample(a.batch_size, a.context_len, self.rng)  # train π_θ with D
+            stats = reinformer_update(self.model, self.optimizer, self.scheduler, self.log_temperature,
+                                      self.temperature_optimizer, windows, expectile=a.expectile,
+                                      target_entropy=a.target_entropy, grad_clip=a.grad_clip)
+            for _ in range(a.critic_updates):  # train Q_φ with D, never on AG-adjusted actions (AG §3.3)
+                transitions = self.offline.sample_transitions(a.critic_batch_size, self.rng)
+                stats |= iql_update(self.critic, self.critic_optimizer, transitions, gamma=a.gamma,
+                                    expectile=a.iql_expectile, polyak=a.polyak)
+            counters["updates"] += 1
+            self.meter.add(stats, time.perf_counter() - t0)
             bar.update(1)
-            updates, last = counters["updates"], counters["updates"] == args.pretrain_updates
+            updates, last = counters["updates"], counters["updates"] == a.pretrain_updates
             if updates == 3 and not self.resumed:  # updates 2-3: past the first call's warm-up
-                print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), args, 0)
-            if updates % args.log_interval == 0 or updates == 1 or last:
+                run.print_cost_estimate(self.meter.seconds / max(self.meter.n, 1), a, 0)
+            if updates % a.log_interval == 0 or updates == 1 or last:
                 extra = {"phase": "pretrain", "charts/updates_per_second": self.meter.updates_per_second()}
-                if updates % args.eval_interval == 0 or last:
-                    extra.update(self.evaluate())
-                    self.final, self.final_at = {k: v for k, v in extra.items() if k.startswith("eval")}, updates
+                if updates % a.eval_interval == 0 or last:  # Inference: RF and RF+AG from the same model
+                    self.final, self.final_at = self.evaluate(), updates
+                    extra.update(self.final)
                     bar.set_postfix(rf=f"{extra['eval_rf/return_mean']:.3g}", ag=f"{extra['eval/return_mean']:.3g}")
                 self.log_row(extra)
                 if self.checkpoints.due(updates) or last:
                     self.save_checkpoint()
         bar.close()
 
+    def evaluate(self) -> dict:
+        """Plain RF (`eval_rf/...`) and RF+AG (`eval/...`) with the run's n and η (Alg. 1, "Inference")."""
+        return evaluate_both(self.model, self.critic, self.args, self.data, self.eval_envs, self.device,
+                             self.max_ep_len, ag_steps=self.args.ag_steps, ag_lr=self.args.ag_lr)
+
+    def log_row(self, extra: dict) -> None:
+        stats = self.meter.pop()
+        run.check_finite(stats, self.counters, self.run_dir)
+        self.logger.log({"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
+                         "rounds": self.counters["rounds"], **stats, **extra})
+
+    def save_checkpoint(self) -> None:
+        self.counters["wall_time_s"] = time.time() - self.start_time
+        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
+        if self.args.save_model:
+            run.save_checkpoint(self.run_dir, self.state_dict())
+
     def stopped(self) -> dict:
         self.save_checkpoint()
-        self.logger.close()
-        mark_stopped(self.run_dir, self.counters)
-        return {"stopped": True, "run_dir": str(self.run_dir)}
+        return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
-        """Final metrics row (evaluating unless the last update did), model.pt and summary.json."""
+        """Final metrics row (evaluating unless the last update did), model.pt, the --capture-video episode and
+        summary.json."""
+        a = self.args
         final = self.final if self.final_at == self.counters["updates"] else self.evaluate()  # resumed after it
-        summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
+        summary = {"run_dir": str(self.run_dir), "env_id": a.env_id, "counters": self.counters,
                    "wall_time_s": time.time() - self.start_time, **final}
         self.log_row({"phase": "final", **final})
-        if self.args.save_model:
-            atomic_save({"model": self.model.state_dict(), "critic": self.critic.state_dict()},
-                        self.run_dir / "model.pt")
-        if self.args.capture_video:
-            space = self.eval_envs.single_action_space
-            agent = RFAgent(self.model, self.critic, self.args, state_mean=self.data.state_mean,
-                            state_std=self.data.state_std, device=self.device, max_ep_len=self.max_ep_len,
-                            low=space.low, high=space.high, ag_steps=self.args.ag_steps, ag_lr=self.args.ag_lr)
-            record_video(self.data.make_env, agent, seed=eval_seeds(self.args.seed, 1)[0],
-                         path=self.run_dir / "eval.mp4")
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.logger.close()
-        print(f"final: RF return {final['eval_rf/return_mean']:.3g} (normalized "
-              f"{final['eval_rf/normalized_score_mean']:.3g}), RF+AG return {final['eval/return_mean']:.3g} ± "
-              f"{final['eval/return_std']:.3g}, normalized score "
-              f"{final['eval/normalized_score_mean']:.3g} ± {final['eval/normalized_score_std']:.3g} → {self.run_dir}")
+        space = self.eval_envs.single_action_space
+        agent = RFAgent(self.model, self.critic, a, self.data.state_mean, self.data.state_std, self.device,
+                        self.max_ep_len, space.low, space.high, a.ag_steps, a.ag_lr)
+        networks = {"model": self.model.state_dict(), "critic": self.critic.state_dict()}  # --eval-only needs both
+        run.write_final(self.run_dir, self.logger, summary, networks if a.save_model else None,
+                        video=(self.data.make_env, agent, eval_seeds(a.seed, 1)[0]) if a.capture_video else None)
+        print(f"final: RF return {final['eval_rf/return_mean']:.3g}, RF+AG return {final['eval/return_mean']:.3g} ± "
+              f"{final['eval/return_std']:.3g}, normalized {final['eval/normalized_score_mean']:.3g} → {self.run_dir}")
         return summary
 
 
-# Fields an --eval-only run takes from the trained run (the network's shape and its input convention).
+# --eval-only: AG §5, tuning AG needs only the evaluation phase. Fields an --eval-only run takes from the trained
+# run (the network's shape and its input convention); every other flag is the command line's.
 MODEL_FIELDS = ("env_id", "dataset_path", "generate_steps", "embed_dim", "n_layers", "n_heads", "dropout",
                 "context_len", "separate_networks", "rtg_scale", "critic_hidden")
-
-
-def load_trained_run(args: Args) -> tuple[Args, Path]:
-    run = Path(args.eval_only)
-    model_path = run / "model.pt"
-    config_path = run / "config.json"
-    if not config_path.is_file() or not model_path.is_file():
-        raise UserError(f"--eval-only {run}: expected a finished run folder of {Path(__file__).name} with "
-                        f"config.json and model.pt (runs/<env>__<exp>__<seed>__<time>/).")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != Path(__file__).name:
-        raise UserError(f"--eval-only {run}: that run was made by {config.get('script', 'another script')}.")
-    for key in MODEL_FIELDS:
-        setattr(args, key, config["args"][key])
-    return args, model_path
-
-
-def load_trained_model(model: Reinformer, critic: IQLCritic, model_path: Path, args: Args, device) -> None:
-    try:
-        state = torch.load(model_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        critic.load_state_dict(state["critic"])
-    except Exception as exc:  # wrong file, or a model of another shape
-        raise UserError(f"--eval-only: {model_path} does not hold this script's model for {args.env_id} "
-                        f"({exc}).") from exc
 
 
 def evaluate_only(args: Args) -> dict:
     """--eval-only: evaluate one trained model for every (η, n) of the sweep lists (AG §5: tuning AG needs
     only the evaluation phase). Rows go to metrics.jsonl (phase 'eval_only'), the table to summary.json."""
-    args, model_path = load_trained_run(args)
+    model_path = run.read_finished_run(Path(args.eval_only), Path(__file__).name, MODEL_FIELDS, args)
     args, data, device, run_dir, _ = set_up(args)
     eval_envs, max_ep_len = make_eval_envs(args, data)
     model = make_model(args, data, device, max_ep_len)
     critic = IQLCritic(data.obs_dim, data.act_dim, args.critic_hidden).to(device)
-    load_trained_model(model, critic, model_path, args, device)
-    logger, rows = RunLogger(run_dir, args, None), []
+    run.load_states(model_path, {"model": model, "critic": critic}, device, f"--eval-only ({args.env_id})")
+    logger, rows = run.RunLogger(run_dir, args, None), []
     grid = [(0, 0.0), *itertools.product(args.sweep_ag_steps or (args.ag_steps,), args.sweep_ag_lr or (args.ag_lr,))]
     for steps, lr in tqdm(grid, desc="sweep", disable=not args.progress):
         metrics = evaluate_both(model, critic, args, data, eval_envs, device, max_ep_len, ag_steps=steps, ag_lr=lr)
@@ -1245,13 +926,10 @@ def evaluate_only(args: Args) -> dict:
                **{k.replace("eval/", ""): v for k, v in metrics.items() if k.startswith("eval/")}}
         logger.log(row)
         rows.append(row)
-        print(f"n={steps:3d} eta={lr:<8g} method={args.ag_method}: return {row['return_mean']:9.2f} ± "
-              f"{row['return_std']:.2f}, normalized {row['normalized_score_mean']:7.2f}, "
-              f"Q gain {row.get('ag_q_gain', 0.0):.4f}, steps/s {row['env_steps_per_second']:.0f}")
-    logger.close()
+        print(f"n={steps:3d} eta={lr:<8g} {args.ag_method}: return {row['return_mean']:9.2f} ± {row['return_std']:.2f},"
+              f" normalized {row['normalized_score_mean']:7.2f}, Q gain {row.get('ag_q_gain', 0.0):.4f}")
     summary = {"run_dir": str(run_dir), "evaluated": str(model_path), "env_id": args.env_id, "rows": rows}
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    return run.write_final(run_dir, logger, summary)
 
 
 def main(args: Args, typed: set[str] | None = None) -> dict:
@@ -1259,42 +937,10 @@ def main(args: Args, typed: set[str] | None = None) -> dict:
         return evaluate_only(args)  # no training: evaluate a finished run's model (AG §5)
     args, data, device, run_dir, checkpoint = set_up(args, typed)  # flags, seeds, dataset, run folder
     trainer = Trainer(args, data, device, run_dir, checkpoint)  # model, critic, optimisers; resumes a checkpoint
-    stop = StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
-    trainer.train(stop)  # offline Reinformer + IQL updates, evaluating RF and RF+AG (AG Alg. 1)
+    stop = run.StopFlag()  # Ctrl-C / SIGTERM: checkpoint at the next safe point, exit 3
+    trainer.train(stop)  # AG Alg. 1: offline Reinformer + IQL updates, evaluating RF and RF+AG
     return trainer.stopped() if stop.requested else trainer.finish()
 
 
-def record_video(make_env, agent, seed: int, path: Path) -> None:
-    """--capture-video: one deterministic evaluation episode as an mp4. Headless MuJoCo renders through EGL
-    (check_video_support); a rendering failure only warns, the trained model is saved already."""
-    try:
-        import imageio.v2 as imageio
-
-        env = make_env(render_mode="rgb_array")
-        obs, _ = env.reset(seed=seed)
-        agent.reset(obs[None].astype(np.float32))
-        frames, done = [env.render()], False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(agent.act(obs[None].astype(np.float32))[0])
-            agent.observe(np.array([reward], dtype=np.float32))
-            frames.append(env.render())
-            done = terminated or truncated
-        imageio.mimsave(path, frames, fps=30)
-        print(f"video of one evaluation episode ({len(frames)} frames): {path}")
-    except Exception as exc:  # e.g. no GL backend: MUJOCO_GL=egl needs libEGL, MUJOCO_GL=osmesa libOSMesa
-        print(f"warning: --capture-video failed ({exc}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    try:
-        result = main(tyro.cli(Args), typed=typed_fields(sys.argv[1:], Args))
-    except (UserError, DatasetError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFinished as done:
-        print(done)
-        sys.exit(0)
-    except KeyboardInterrupt:
-        print("\nInterrupted: nothing was saved after the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(EXIT_STOPPED if result.get("stopped") else 0)
+    run.cli(main, Args)

@@ -215,30 +215,26 @@ def bench_odt_td3(odt_td3, opts, shape, device, variant) -> list[Figure]:
     scheduler = odt_td3.warmup_schedule(optimizer, args.warmup_steps)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
 
-    def critic_step():
-        loss, _ = odt_td3.critic_loss(critic, critic_target, model_target, batch, args)
-        critic_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        critic_optimizer.step()
+    hyper = dict(alpha=0.1, supervised_coef=args.supervised_coef, q_normalize=args.q_normalize, gamma=args.gamma,
+                 tau=args.tau, policy_noise=args.policy_noise, noise_clip=args.noise_clip, grad_clip=args.grad_clip,
+                 bf16_targets=args.bf16_targets)
 
-    def actor_step():
-        model.train()
-        loss, _ = odt_td3.actor_loss(model, critic, batch, 0.1, args)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+    def update(k: int):  # one td3_update: k critic steps (k batches), one actor step, both Polyak steps
+        return lambda: odt_td3.td3_update(model, model_target, critic, critic_target, optimizer, scheduler,
+                                          critic_optimizer, [sample() for _ in range(k)], **hyper)
+
+    def targets():  # the target transformer's forward pass on the shifted window: TD3's costliest no-grad part
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16_targets):
+            return model_target.act(model_target(*odt_td3.shifted_window(batch))).float()
 
     k = args.policy_interval
-    update = lambda: odt_td3.update(model, model_target, critic, critic_target, optimizer, scheduler,  # noqa: E731
-                                    critic_optimizer, [sample() for _ in range(k)], 0.1, args)
-    targets = lambda: odt_td3.critic_targets(critic_target, model_target, batch, args)  # noqa: E731
-    return [Figure("update", f"one update = {k} critic + 1 actor step = {k} batches, sampling included", update,
+    return [Figure("update", f"one update = {k} critic + 1 actor step = {k} batches, sampling included", update(k),
                    "actor updates/s", main=True),
-            Figure("targets", f"target actions + y, no_grad, one batch (bf16_targets={args.bf16_targets})", targets,
-                   "batches/s"),
-            Figure("critic", "critic step incl. targets, one batch", critic_step, "steps/s"),
-            Figure("actor", "actor step (fwd + bwd + LAMB), one batch", actor_step, "steps/s")]
+            Figure("update1", f"1 critic + 1 actor step = 1 batch, sampling included (bf16_targets="
+                   f"{args.bf16_targets}); a critic step costs (update − update1)/{max(k - 1, 1)}", update(1),
+                   "updates/s"),
+            Figure("targets", f"target actions, no_grad, one batch (bf16_targets={args.bf16_targets})", targets,
+                   "batches/s")]
 
 
 def bench_reinformer_ag(rf, opts, shape, device, variant) -> list[Figure]:
@@ -257,8 +253,14 @@ def bench_reinformer_ag(rf, opts, shape, device, variant) -> list[Figure]:
     temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.temperature_lr, betas=(0.9, 0.999))
     critic = rf.IQLCritic(data.obs_dim, data.act_dim, args.critic_hidden).to(device)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    update = lambda: rf.update(model, optimizer, scheduler, log_temperature, temperature_optimizer,  # noqa: E731
-                               critic, critic_optimizer, offline, rng, args)
+    def update():  # one update as reinformer_ag's training loop makes it
+        rf.reinformer_update(model, optimizer, scheduler, log_temperature, temperature_optimizer,
+                             offline.sample(args.batch_size, args.context_len, rng), expectile=args.expectile,
+                             target_entropy=args.target_entropy, grad_clip=args.grad_clip)
+        for _ in range(args.critic_updates):
+            rf.iql_update(critic, critic_optimizer, offline.sample_transitions(args.critic_batch_size, rng),
+                          gamma=args.gamma, expectile=args.iql_expectile, polyak=args.polyak)
+
     figures = [Figure("update", f"update = model step + {args.critic_updates} IQL step(s), sampling included",
                       update, "updates/s", main=True)]
     envs = make_vector_env(data.make_env, 10)
@@ -298,7 +300,9 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
         ref = dg.reference_rollout(ref_env, agent(1), 100, args.g_online * args.rtg_scale, args.reference_sample)
         gap = args.sub_len if args.branch_gap is None else args.branch_gap
         t0s = dg.branch_points(ref["var"], args.groups_per_round, args.branch_sampling, rng, gap)
-        parts = [dg.rollout_groups(member_envs, agent(args.group_size), ref, t[None], 100, args) for t in t0s]
+        parts = [dg.rollout_groups(member_envs, agent(args.group_size), ref, t[None], seed=100,
+                                   group_size=args.group_size, sub_len=args.sub_len, cont_len=args.cont_len,
+                                   relabel=args.relabel) for t in t0s]
         groups = dg.concat_groups(parts)
         state["groups"], state["ref"] = groups, ref
         return len(ref["rewards"]) + groups["env_steps"]
@@ -306,7 +310,8 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
     def make_batch():
         if "groups" not in state:
             one_round()
-        state["batch"] = dg.make_grpo_batch(model, state["groups"], state["ref"], args)
+        state["batch"] = dg.make_grpo_batch(model, state["groups"], state["ref"], group_size=args.group_size,
+                                            adv_eps=args.adv_eps, relabel=args.relabel, rtg_scale=args.rtg_scale)
 
     minibatch = args.grpo_minibatch or n_members
     idx = torch.as_tensor(rng.permutation(n_members)[:minibatch], device=device)
@@ -315,7 +320,10 @@ def bench_dt_grpo(dg, opts, shape, device, variant) -> list[Figure]:
         if "batch" not in state:
             make_batch()
         return dg.grpo_update(model, ref_model, online_optimizer, log_temperature, temperature_optimizer,
-                              state["batch"], idx, args)
+                              state["batch"], idx, ratio=args.ratio, clip_eps=args.clip_eps,
+                              max_log_ratio=args.max_log_ratio, entropy_coef=args.entropy_coef, kl_coef=args.kl_coef,
+                              target_entropy=args.target_entropy, grad_clip=args.grad_clip,
+                              dropout=args.online_dropout)
 
     per_round = args.grpo_epochs * math.ceil(n_members / minibatch)
     return [Figure("round", f"one round's rollouts: reference + {args.groups_per_round}×{args.group_size} members, "

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.bench import interleaved
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,3 +32,20 @@ def test_odt_fp32_and_bf16_in_one_run():
     lines = proc.stdout.splitlines()
     for tag in ("[fp32] update step", "[bf16] update step", "[bf16 / fp32] update:", "sampling one batch"):
         assert any(tag in line for line in lines), (tag, proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,extra,tags", [
+    ("odt_td3", [], ("one update = 2 critic + 1 actor step", "1 critic + 1 actor step", "target actions")),
+    ("reinformer_ag", ["--ag-steps", "0"], ("update = model step + 1 IQL step", "ag_steps 0")),
+    ("dt_grpo", [], ("[bf16]",)),
+])
+def test_every_scripts_benchmark_runs_against_its_current_functions(script, extra, tags):
+    """The benchmark calls each script's own update functions: a refactor that renames them must update it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "common.bench", "--script", script, "--shape", "small", "--steps",
+                           "1", "--warmup", "0", "--threads", "1", "--precision", "bf16", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for tag in tags:
+        assert tag in proc.stdout, (tag, proc.stdout)

@@ -44,6 +44,24 @@ class FakeData:
                          else [episode([1.0] * 20, act_dim=act_dim)])
 
 
+def loss_kw(args):
+    """grpo_losses' coefficients, read from the flags as Trainer.grpo_step reads them."""
+    return dict(ratio=args.ratio, clip_eps=args.clip_eps, max_log_ratio=args.max_log_ratio,
+                entropy_coef=args.entropy_coef, kl_coef=args.kl_coef, target_entropy=args.target_entropy)
+
+
+def update_kw(args):
+    return dict(loss_kw(args), grad_clip=args.grad_clip, dropout=args.online_dropout)
+
+
+def batch_kw(args):
+    return dict(group_size=args.group_size, adv_eps=args.adv_eps, relabel=args.relabel, rtg_scale=args.rtg_scale)
+
+
+def roll_kw(args):
+    return dict(group_size=args.group_size, sub_len=args.sub_len, cont_len=args.cont_len, relabel=args.relabel)
+
+
 def window_agent(model, n, args):
     return dt_grpo.WindowAgent(model, n, args.eval_context_len, np.zeros(11, np.float32), np.ones(11, np.float32),
                                args.rtg_scale, 1000, torch.device("cpu"))
@@ -56,7 +74,7 @@ def collect(model, args, seed=3):
     ref = dt_grpo.reference_rollout(ref_env, window_agent(model, 1, args), seed, args.g_online * args.rtg_scale,
                                     sample=True)
     t0s = dt_grpo.branch_points(ref["var"], args.groups_per_round, "variance", np.random.default_rng(0))
-    groups = dt_grpo.rollout_groups(envs, window_agent(model, len(envs), args), ref, t0s, seed, args)
+    groups = dt_grpo.rollout_groups(envs, window_agent(model, len(envs), args), ref, t0s, seed, **roll_kw(args))
     return ref, t0s, groups
 
 
@@ -105,7 +123,8 @@ def test_sequence_ratio_and_clipping_match_hand_computation(mode):
     rho = target if mode == "joint" else target ** (1 / n_steps)  # exp(Σ_t) or exp(mean_t) of the log-ratio
     eps = 0.2 if mode == "joint" else 0.05
     args = grpo_args(clip_eps=eps, ratio=mode)
-    loss, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch, torch.arange(4), args)
+    loss, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch, torch.arange(4),
+                                         **loss_kw(args))
     surrogate = torch.min(rho * batch["advantages"], rho.clamp(1 - eps, 1 + eps) * batch["advantages"])
     assert loss.item() == pytest.approx(-surrogate.mean().item(), abs=1e-9)
     if mode == "joint":  # 0.5, −1.0, 1.2 (clipped), −1.1 (A < 0 and ρ > 1: unclipped)
@@ -116,7 +135,7 @@ def test_sequence_ratio_and_clipping_match_hand_computation(mode):
     assert stats["train/approx_kl"].item() == pytest.approx((target - 1 - target.log()).mean().item(), abs=1e-9)
     # the masked step (member 1, step 2) does not enter the ratio
     batch["windows"]["actions"][1, 2, -1] = 0.0
-    loss2, _, _ = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch, torch.arange(4), args)
+    loss2, _, _ = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch, torch.arange(4), **loss_kw(args))
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-9)
 
 
@@ -126,7 +145,7 @@ def test_clipped_member_gets_no_gradient():
     for ratio, expect_grad in ((1.5, False), (1.1, True)):  # A > 0: ρ above 1 + ε is clipped
         batch = hand_batch(model, torch.full((4,), math.log(ratio)), torch.ones(4))
         model.zero_grad()
-        loss, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(0.0), batch, torch.arange(1), args)
+        loss, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(0.0), batch, torch.arange(1), **loss_kw(args))
         loss.backward()
         norm = sum(p.grad.norm() for p in model.parameters() if p.grad is not None)
         assert (norm > 0) == expect_grad
@@ -141,7 +160,7 @@ def run_round(model, args, batch, n_members):
     rng, rows = np.random.default_rng(0), []
     for _ in range(args.grpo_epochs):
         for idx in torch.as_tensor(rng.permutation(n_members)).split(args.grpo_minibatch or n_members):
-            rows.append(dt_grpo.grpo_update(model, None, optimizer, log_t, t_opt, batch, idx, args))
+            rows.append(dt_grpo.grpo_update(model, None, optimizer, log_t, t_opt, batch, idx, **update_kw(args)))
     return rows
 
 
@@ -154,7 +173,7 @@ def test_gradient_survives_the_rounds_updates_at_the_defaults():
     args.cont_len, args.eval_context_len, args.entropy_coef = 10, 3, 0.0  # the continuation does not enter ρ
     model = tiny_model(dropout=0.0)
     ref, _, groups = collect(model, args, seed=4)
-    batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+    batch = dt_grpo.make_grpo_batch(model, groups, ref, **batch_kw(args))
     rows = run_round(model, args, batch, len(groups["t0"]))
     per_epoch = len(rows) // args.grpo_epochs
     assert len(rows) == 16 and per_epoch == 4
@@ -170,15 +189,17 @@ def return_conditioned_model():
     pretrained DT's does. Dropout stays in the module (eval mode must switch it off for π_old and π_θ)."""
     model = tiny_model(dropout=0.1)
     rng = np.random.default_rng(0)
-    replay = dt_grpo.TrajectoryReplay(100, np.zeros(11, np.float32), np.ones(11, np.float32), 1e-3, 1000,
-                                      torch.device("cpu"))
+    episodes = []
     for _ in range(100):
         ret = rng.uniform(100, 1900)
         n = 20
-        replay.add(dt_grpo.Episode(observations=rng.standard_normal((n, 11)).astype(np.float32),
-                                   actions=np.full((n, 3), ret / 1000 - 1, np.float32).clip(-0.95, 0.95),
-                                   rewards=np.full(n, ret / n, np.float32), terminals=np.eye(n, dtype=bool)[-1],
-                                   truncations=np.zeros(n, bool), next_observations=np.zeros((n, 11), np.float32)))
+        episodes.append(dt_grpo.Episode(observations=rng.standard_normal((n, 11)).astype(np.float32),
+                                        actions=np.full((n, 3), ret / 1000 - 1, np.float32).clip(-0.95, 0.95),
+                                        rewards=np.full(n, ret / n, np.float32), terminals=np.eye(n, dtype=bool)[-1],
+                                        truncations=np.zeros(n, bool),
+                                        next_observations=np.zeros((n, 11), np.float32)))
+    replay = dt_grpo.OfflineWindows(episodes, np.zeros(11, np.float32), np.ones(11, np.float32), 1e-3, 1000,
+                                    torch.device("cpu"))
     args = grpo_args(context_len=3, weight_decay=0.0, target_entropy=-3.0)
     optimizer = dt_grpo.Lamb(dt_grpo.lamb_param_groups(model, 0.0), lr=1e-3)
     scheduler = dt_grpo.warmup_schedule(optimizer, 10)
@@ -199,11 +220,11 @@ def test_fresh_data_ratio_is_one_only_without_relabeling(relabel, return_conditi
     model = return_conditioned_model
     args = grpo_args(relabel=relabel, clip_eps=0.05)
     ref, _, groups = collect(model, args)
-    batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+    batch = dt_grpo.make_grpo_batch(model, groups, ref, **batch_kw(args))
     model.train(args.online_dropout)
     with torch.no_grad():
         _, _, stats = dt_grpo.grpo_losses(model, None, torch.tensor(math.log(0.1)), batch,
-                                          torch.arange(len(batch["advantages"])), args)
+                                          torch.arange(len(batch["advantages"])), **loss_kw(args))
     if relabel:
         assert stats["train/clip_fraction"].item() >= 0.25, stats
         assert not torch.equal(batch["windows"]["rtg"], groups["windows"]["rtg"])
@@ -220,12 +241,12 @@ def test_relabeling_uses_the_full_achieved_return_to_go():
         args = grpo_args(relabel=relabel, cont_len=1, sub_len=2, group_size=3, groups_per_round=1)
         envs = [gym.make("Hopper-v5") for _ in range(3)]
         ref = dt_grpo.reference_rollout(gym.make("Hopper-v5"), window_agent(model, 1, args), 3, 3.6, sample=True)
-        groups = dt_grpo.rollout_groups(envs, window_agent(model, 3, args), ref, np.array([0]), 3, args)
+        groups = dt_grpo.rollout_groups(envs, window_agent(model, 3, args), ref, np.array([0]), 3, **roll_kw(args))
         ended = [not e.unwrapped.is_healthy or e._elapsed_steps >= 1000 for e in envs]
         assert all(ended) == relabel, ended
         np.testing.assert_allclose(groups["scores"].numpy(), groups["rewards"][:, :3].sum(1), rtol=1e-6)
         if relabel:
-            batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+            batch = dt_grpo.make_grpo_batch(model, groups, ref, **batch_kw(args))
             np.testing.assert_allclose(batch["windows"]["rtg"][:, 0, -1].numpy(),
                                        groups["rewards"].sum(1) * args.rtg_scale, rtol=1e-5)
 
@@ -327,7 +348,7 @@ def test_qgrpo_on_mujoco_without_set_state():
     args = grpo_args(group_size=6, groups_per_round=3, sub_len=1, batch_size=64, grpo_minibatch=6, grpo_epochs=2,
                      online_learning_rate=2e-4)
     env = NoRestore(gym.make("Hopper-v5"))
-    assert not dt_grpo.can_restore(env)
+    assert not hasattr(env.unwrapped, "set_state")
     agent = window_agent(model, 1, args)
     ref = dt_grpo.reference_rollout(env, agent, 3, 3.6, sample=True)
     assert len(ref["sim"]) == 0 and ref["terminated"] == (len(ref["rewards"]) < 1000)
@@ -343,7 +364,8 @@ def test_qgrpo_on_mujoco_without_set_state():
     target = __import__("copy").deepcopy(critic)
     opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    losses = [dt_grpo.critic_update(critic, target, opt, model, replay.sample(64, rng), args).item()
+    losses = [dt_grpo.critic_update(critic, target, opt, model, replay.sample(64, rng), gamma=args.gamma,
+                                    tau=args.tau).item()
               for _ in range(150)]
     assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10]), losses[::15]
     t0s = dt_grpo.branch_points(ref["var"], args.groups_per_round, "variance", rng, 1)
@@ -354,7 +376,7 @@ def test_qgrpo_on_mujoco_without_set_state():
     first = groups["windows"]["states"][:args.group_size, 0]
     assert torch.equal(first, first[:1].expand_as(first))
     assert groups["scores"][:args.group_size].std() > 0
-    batch = dt_grpo.make_grpo_batch(model, groups, ref, args)
+    batch = dt_grpo.make_grpo_batch(model, groups, ref, **batch_kw(args))
     rows = run_round(model, args, batch, len(groups["t0"]))
     assert all(r["train/effective_update"].item() == 1.0 for r in rows)
     with torch.no_grad():  # the policy moved towards the critic's preferred actions
@@ -366,7 +388,7 @@ def test_qgrpo_on_mujoco_without_set_state():
 class SetupData(FakeData):
     def __init__(self, restorable, one_step=False):
         super().__init__("hopper" if not one_step else "other", "random" if not one_step else "", one_step=one_step)
-        self.restorable, self.source = restorable, "fake"
+        self.restorable, self.source, self.obs_dim = restorable, "fake", 11
         self.state_mean, self.state_std = np.zeros(11, np.float32), np.ones(11, np.float32)
 
     def make_env(self, render_mode=None):
@@ -379,14 +401,16 @@ class SetupData(FakeData):
     (False, True, "auto", "group"),  # a single start state: branching is a reset, whatever the id
     (False, False, "group", "error"),
 ])
-def test_advantage_source_follows_the_env(monkeypatch, restorable, one_step, advantage, expect):
+def test_advantage_source_follows_the_env(monkeypatch, tmp_path, restorable, one_step, advantage, expect):
     monkeypatch.setattr(dt_grpo, "load_dataset", lambda *a, **k: SetupData(restorable, one_step))
-    args = dt_grpo.Args(env_id="anything-v0", advantage=advantage, g_eval=1.0)
+    monkeypatch.chdir(tmp_path)
+    args = dt_grpo.Args(env_id="anything-v0", advantage=advantage, g_eval=1.0, cuda=False)
     if expect == "error":
-        with pytest.raises(dt_grpo.UserError, match="--advantage critic"):
-            dt_grpo.load_and_check(args)
+        with pytest.raises(dt_grpo.run.UserError, match="--advantage critic"):
+            dt_grpo.set_up(args)
+        assert not (tmp_path / "runs").exists()  # refused before a run folder is made
     else:
-        assert dt_grpo.load_and_check(args)[2] == (expect == "critic")
+        assert dt_grpo.set_up(args)[5] == (expect == "critic")
 
 
 # --- per-dataset defaults ------------------------------------------------------------------------------------
@@ -514,7 +538,7 @@ def test_toy_pure_rl_gradients_reach_the_hidden_peak_odt_does_not(tmp_path, data
 @pytest.mark.slow
 @pytest.mark.parametrize("extra,needle", [
     (["--env-id", "hoper-random-v2"], "hopper-random-v2"),
-    (["--env-id", "hopper-random-v2", "--group-size", "1"], "group size must be"),
+    (["--env-id", "hopper-random-v2", "--group-size", "1"], "--group-size must be ≥ 2"),
     (["--resume", "does/not/exist"], "no config.json"),
 ])
 def test_bad_input_gives_one_clear_message(tiny_hopper, tmp_path, extra, needle):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.wrappers import TimeLimit
-from tqdm import tqdm
 
 import dt_grpo
 from conftest import episode
@@ -33,6 +32,24 @@ def grpo_args(**kw):
                 eval_context_len=2, rtg_scale=1e-3, g_online=3600.0, entropy_coef=0.0, target_entropy=-3.0)
     args.update(kw)
     return dt_grpo.Args(**args)
+
+
+def loss_kw(args):
+    """grpo_losses' coefficients, read from the flags as Trainer.grpo_step reads them."""
+    return dict(ratio=args.ratio, clip_eps=args.clip_eps, max_log_ratio=args.max_log_ratio,
+                entropy_coef=args.entropy_coef, kl_coef=args.kl_coef, target_entropy=args.target_entropy)
+
+
+def update_kw(args):
+    return dict(loss_kw(args), grad_clip=args.grad_clip, dropout=args.online_dropout)
+
+
+def batch_kw(args):
+    return dict(group_size=args.group_size, adv_eps=args.adv_eps, relabel=args.relabel, rtg_scale=args.rtg_scale)
+
+
+def roll_kw(args):
+    return dict(group_size=args.group_size, sub_len=args.sub_len, cont_len=args.cont_len, relabel=args.relabel)
 
 
 def window_agent(model, n, args, mean=0.0, std=1.0):
@@ -62,7 +79,8 @@ def ratio_batch(model, log_ratio, adv, mask):
 
 def losses(model, batch, args, ref_model=None, log_t=math.log(0.1), idx=None):
     idx = torch.arange(len(batch["advantages"])) if idx is None else idx
-    return dt_grpo.grpo_losses(model, ref_model, torch.tensor(log_t, dtype=torch.float64), batch, idx, args)
+    return dt_grpo.grpo_losses(model, ref_model, torch.tensor(log_t, dtype=torch.float64), batch, idx,
+                               **loss_kw(args))
 
 
 # --- group-relative advantages (GRPO; paper R: (R_i − mean)/(std + ε) within each group) ----------------------
@@ -76,7 +94,7 @@ def test_advantages_are_normalised_within_each_group_with_the_given_epsilon():
     groups = {"windows": random_windows(6, 2), "step_valid": mask, "scores": scores, "t0": np.zeros(6, np.int64),
               "rewards": np.zeros((6, 2), np.float32)}
     args = grpo_args(adv_eps=0.5)
-    batch = dt_grpo.make_grpo_batch(model, groups, None, args)
+    batch = dt_grpo.make_grpo_batch(model, groups, None, **batch_kw(args))
     std0, std1 = math.sqrt(2 / 3), math.sqrt(200.0)
     expected = [(-1) / (std0 + 0.5), 0.0, 1 / (std0 + 0.5), -10 / (std1 + 0.5), -10 / (std1 + 0.5), 20 / (std1 + 0.5)]
     np.testing.assert_allclose(batch["advantages"].numpy(), expected, rtol=1e-5, atol=1e-7)
@@ -244,8 +262,8 @@ def test_kl_term_pulls_the_policy_towards_the_reference():
     args = grpo_args(kl_coef=1.0, grad_clip=100.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
     log_t = torch.tensor(math.log(0.1), dtype=torch.float64, requires_grad=True)
-    kls = [dt_grpo.grpo_update(model, ref, opt, log_t, None, batch, torch.arange(3), args)["train/kl_ref"].item()
-           for _ in range(4)]
+    kls = [dt_grpo.grpo_update(model, ref, opt, log_t, None, batch, torch.arange(3), **update_kw(args))[
+        "train/kl_ref"].item() for _ in range(4)]
     assert kls[-1] < 0.95 * kls[0] and kls[1] < kls[0], kls
 
 
@@ -254,7 +272,7 @@ def fresh_batch(model, args, m=4):
     groups = {"windows": random_windows(m, 2, dtype=torch.float32), "step_valid": torch.ones(m, 2, dtype=torch.bool),
               "scores": torch.arange(m, dtype=torch.float32) ** 2, "t0": np.zeros(m, np.int64),
               "rewards": np.zeros((m, 2), np.float32)}
-    return dt_grpo.make_grpo_batch(model, groups, None, args)
+    return dt_grpo.make_grpo_batch(model, groups, None, **batch_kw(args))
 
 
 def test_fresh_data_ratio_is_exactly_one_with_dropout_in_the_model():
@@ -267,12 +285,12 @@ def test_fresh_data_ratio_is_exactly_one_with_dropout_in_the_model():
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     log_t = torch.tensor(math.log(0.1), requires_grad=True)
-    stats = dt_grpo.grpo_update(model, None, opt, log_t, None, batch, torch.arange(4), args)
+    stats = dt_grpo.grpo_update(model, None, opt, log_t, None, batch, torch.arange(4), **update_kw(args))
     assert stats["train/ratio_mean"].item() == 1.0 and stats["train/ratio_max"].item() == 1.0
     # --online-dropout keeps it on in the update: π_θ then differs from π_old on the same data
     torch.manual_seed(0)
     args.online_dropout = True
-    stats = dt_grpo.grpo_update(model, None, opt, log_t, None, batch, torch.arange(4), args)
+    stats = dt_grpo.grpo_update(model, None, opt, log_t, None, batch, torch.arange(4), **update_kw(args))
     assert abs(stats["train/ratio_max"].item() - 1.0) > 1e-3
 
 
@@ -284,7 +302,7 @@ def test_grpo_update_clips_the_gradient_norm():
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     log_t = torch.tensor(math.log(0.1), requires_grad=True)
-    dt_grpo.grpo_update(model, None, opt, log_t, None, batch, torch.arange(4), args)
+    dt_grpo.grpo_update(model, None, opt, log_t, None, batch, torch.arange(4), **update_kw(args))
     step = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
     assert 1e-4 < step <= 1e-3 * 1.001, step
 
@@ -299,7 +317,7 @@ def test_temperature_dual_update_only_without_fixed_entropy_coef():
         before = log_t.item()
         t_opt = torch.optim.Adam([log_t], lr=0.1)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        dt_grpo.grpo_update(model, None, opt, log_t, t_opt, batch, torch.arange(4), args)
+        dt_grpo.grpo_update(model, None, opt, log_t, t_opt, batch, torch.arange(4), **update_kw(args))
         if moves:
             assert log_t.item() == pytest.approx(before + 0.1, abs=1e-3)
         else:
@@ -393,7 +411,7 @@ def test_members_sample_then_follow_the_mean_and_end_where_their_episode_ends(mo
     ref = dt_grpo.reference_rollout(toy(limit=8), window_agent(model, 1, args), 7, 3.6, sample=True)
     envs = [toy(term_at=2), toy(limit=4), toy()]  # terminates in the sampled part / truncated in the continuation
     calls = record_sampling(monkeypatch)
-    groups = dt_grpo.rollout_groups(envs, window_agent(model, 3, args), ref, np.array([0]), 7, args)
+    groups = dt_grpo.rollout_groups(envs, window_agent(model, 3, args), ref, np.array([0]), 7, **roll_kw(args))
     assert calls == [True, True, True, False, False]
     np.testing.assert_allclose(groups["rewards"], [[1, 2, 0, 0, 0], [1, 2, 3, 4, 0], [1, 2, 3, 4, 5]])
     np.testing.assert_allclose(groups["scores"].numpy(), [3, 10, 15])
@@ -417,7 +435,7 @@ def test_relabel_members_run_on_but_the_score_keeps_its_length(monkeypatch):
     ref = dt_grpo.reference_rollout(toy(limit=8), window_agent(model, 1, args), 3, 3.6, sample=True)
     envs = [toy(limit=6), toy(term_at=9)]
     calls = record_sampling(monkeypatch)
-    groups = dt_grpo.rollout_groups(envs, window_agent(model, 2, args), ref, np.array([0]), 3, args)
+    groups = dt_grpo.rollout_groups(envs, window_agent(model, 2, args), ref, np.array([0]), 3, **roll_kw(args))
     assert calls == [True, True] + [False] * 7
     np.testing.assert_allclose(groups["scores"].numpy(), [6, 6])
     np.testing.assert_allclose(groups["rewards"].sum(1), [21, 45])
@@ -486,7 +504,7 @@ def test_critic_td_target_uses_the_target_twins_min_and_polyak_follows():
              "dones": torch.tensor([0.0, 1.0]), **{f"next_{k}": v for k, v in win.items()}}
     opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
     args = grpo_args(gamma=0.5, tau=0.25)
-    loss = dt_grpo.critic_update(critic, target, opt, model, batch, args)
+    loss = dt_grpo.critic_update(critic, target, opt, model, batch, gamma=args.gamma, tau=args.tau)
     # y = [1 + 0.5·3, 2]: ((1 − 2.5)² + (1 − 2)²)/2 + ((2 − 2.5)² + (2 − 2)²)/2
     assert loss.item() == pytest.approx(1.75, abs=1e-5)
     for t_new, t_old, p in zip(target.parameters(), old_target, critic.parameters(), strict=True):
@@ -529,7 +547,8 @@ def test_critic_target_action_is_the_mean_action_plus_clipped_noise():
     critic, target = constant_critic((0.3, -0.2)), action_reader((0, 1))
     args = grpo_args(gamma=0.9)
     torch.manual_seed(3)
-    loss = dt_grpo.critic_update(critic, target, torch.optim.SGD(critic.parameters(), lr=0.0), model, batch, args)
+    loss = dt_grpo.critic_update(critic, target, torch.optim.SGD(critic.parameters(), lr=0.0), model, batch,
+                                 gamma=args.gamma, tau=args.tau)
     torch.manual_seed(3)
     with torch.no_grad():
         mu = model.action_dist(model(*(win[k] for k in dt_grpo.WINDOW_KEYS))[:, -1])[0]
@@ -644,8 +663,9 @@ def test_explicit_g_eval_is_also_the_rollout_target():
     assert args.g_online == args.g_eval == 4000.0
 
 
-# --- the round (Trainer): seeds, targets, gaps, minibatches, the reference anchor, Q-GRPO ---------------------------
+# --- the round (train() and the Trainer's steps): seeds, targets, gaps, minibatches, the anchor, Q-GRPO -------------
 def make_trainer(tmp_path, use_critic=False, **kw):
+    """A Trainer past pretraining (0 updates, evaluated): train() goes straight to the GRPO rounds."""
     data = SimpleNamespace(
         family="hopper", dataset_kind="random", act_dim=A, obs_dim=S, ref_max_score=None, source="fake",
         episodes=[episode([1.0] * 20, obs_dim=S, act_dim=A)], state_mean=np.zeros(S, np.float32),
@@ -654,13 +674,24 @@ def make_trainer(tmp_path, use_critic=False, **kw):
     fields = dict(env_id="hopper-random-v2", embed_dim=16, n_layers=1, n_heads=1, eval_context_len=2, group_size=3,
                   sub_len=2, cont_len=3, groups_per_round=2, eval_episodes=1, eval_interval=10**9, progress=False,
                   save_model=False, cuda=False, precision="fp32", online_learning_rate=3e-5, batch_size=8,
-                  online_steps=10**6)
+                  online_steps=10**6, pretrain_updates=0)
     fields.update(kw)
     args = dt_grpo.apply_dataset_defaults(dt_grpo.Args(**fields), data)
     torch.manual_seed(0)
     trainer = dt_grpo.Trainer(args, data, torch.device("cpu"), tmp_path, use_critic=use_critic, checkpoint=None)
-    trainer.bar = tqdm(disable=True)
+    trainer.counters["pretrain_evaluated"] = True
     return trainer
+
+
+class StopWhen:
+    """A stop flag raised once `condition()` holds: train() stops at its next safe point, as after Ctrl-C."""
+
+    def __init__(self, condition):
+        self.condition = condition
+
+    @property
+    def requested(self) -> bool:
+        return self.condition()
 
 
 def spy(monkeypatch, name):
@@ -674,6 +705,10 @@ def spy(monkeypatch, name):
     return calls
 
 
+def groups_rolled(trainer):
+    return StopWhen(lambda: "todo" in trainer.round_state and not trainer.round_state["todo"])
+
+
 def test_round_seed_target_gap_and_member_seeds(tmp_path, monkeypatch):
     """Round r's reference episode is reset with online_episode_seed(seed, r) (a fresh one per round), rolled
     with the mean action at g_online·scale; branch points ≥ --branch-gap apart (default L_traj); every group is
@@ -681,22 +716,21 @@ def test_round_seed_target_gap_and_member_seeds(tmp_path, monkeypatch):
     refs, points, rolls = (spy(monkeypatch, n) for n in ("reference_rollout", "branch_points", "rollout_groups"))
     trainer = make_trainer(tmp_path, seed=4, branch_gap=7)
     trainer.counters["rounds"] = 2
-    trainer.start_round()
+    dt_grpo.train(trainer, groups_rolled(trainer))  # steps (1)-(3) of round 2, then a stop
+    rnd = trainer.round_state
     (seed, target), kw = refs[-1][0][2:4], refs[-1][1]
     assert seed == dt_grpo.online_episode_seed(4, 2) != dt_grpo.online_episode_seed(4, 1)
     assert seed not in dt_grpo.eval_seeds(4, 10)
     assert target == pytest.approx(3.6) and kw["sample"] is False
     assert points[-1][1]["gap"] == 7
-    assert trainer.counters["env_steps"] == len(trainer.round_state["ref"]["rewards"])
-    assert trainer.collect_groups(SimpleNamespace(requested=False))
     assert [c[1]["seed"] for c in rolls] == [seed, seed]
-    assert [int(c[0][3][0]) for c in rolls] == trainer.round_state["t0s"].tolist()
-    assert trainer.counters["env_steps"] == len(trainer.round_state["ref"]["rewards"]) + sum(
-        p["env_steps"] for p in trainer.round_state["parts"])
+    assert [int(c[0][3][0]) for c in rolls] == rnd["t0s"].tolist()
+    assert trainer.counters["env_steps"] == len(rnd["ref"]["rewards"]) + sum(p["env_steps"] for p in rnd["parts"])
     assert points[-1][0][1:3] == (2, "variance")  # --groups-per-round points, drawn ∝ σ² by default
-    trainer.round_state.clear()
+    assert "perms" not in rnd and trainer.counters["updates"] == 0  # the stop came before step (4)
+    rnd.clear()
     trainer.args.branch_gap, trainer.args.reference_sample, trainer.args.branch_sampling = None, True, "top"
-    trainer.start_round()
+    dt_grpo.train(trainer, groups_rolled(trainer))
     assert points[-1][1]["gap"] == trainer.args.sub_len == 2
     assert points[-1][0][2] == "top" and refs[-1][1]["sample"] is True  # the flags reach the round
     assert refs[-1][0][2] == dt_grpo.online_episode_seed(4, 2)
@@ -705,28 +739,49 @@ def test_round_seed_target_gap_and_member_seeds(tmp_path, monkeypatch):
 @pytest.mark.parametrize("minibatch,epochs,sizes", [(4, 3, [4, 2] * 3), (0, 2, [6, 6])])
 def test_plan_updates_epochs_and_minibatches(tmp_path, minibatch, epochs, sizes):
     """Every epoch is one permutation of the round's members in minibatches of --grpo-minibatch (0: all);
-    the round is counted; the online optimiser is Adam at --online-learning-rate; each planned minibatch is one
-    update."""
+    the online optimiser is Adam at --online-learning-rate; each planned minibatch is one update; the round is
+    counted once its updates are done."""
     trainer = make_trainer(tmp_path, grpo_minibatch=minibatch, grpo_epochs=epochs, online_steps=10**6)
     assert trainer.online_optimizer.param_groups[0]["lr"] == 3e-5
-    trainer.start_round()
-    trainer.collect_groups(SimpleNamespace(requested=False))
-    trainer.plan_updates()
-    perms = trainer.round_state["perms"]
-    assert [len(p) for p in perms] == sizes and trainer.counters["rounds"] == 1
+    dt_grpo.train(trainer, StopWhen(lambda: "perms" in trainer.round_state))  # stops right after step (4)
+    perms = list(trainer.round_state["perms"])
+    assert [len(p) for p in perms] == sizes and trainer.counters["updates"] == 0
     per_epoch = len(sizes) // epochs
     for e in range(epochs):
         assert sorted(torch.cat(perms[e * per_epoch:(e + 1) * per_epoch]).tolist()) == list(range(6))
     assert trainer.round_state["batch"]["advantages"].shape == (6,)
-    assert trainer.train_round(SimpleNamespace(requested=False))
-    assert trainer.counters["updates"] == len(sizes)
+    assert trainer.counters["rounds"] == 0
+    dt_grpo.train(trainer, StopWhen(lambda: trainer.counters["rounds"] == 1))  # the round goes on where it was
+    assert trainer.counters["updates"] == len(sizes) and trainer.round_state == {}
+
+
+def test_round_passes_each_flag_to_the_step_that_reads_it(tmp_path, monkeypatch):
+    """The round's calls take the flags by name: rollout_groups (G, L_traj, L_eval, --relabel), make_grpo_batch
+    (G, --adv-eps, --relabel, the RTG scale), grpo_update (every coefficient of the loss, --grad-clip,
+    --online-dropout) and, in Q-GRPO, critic_update (γ, τ); non-default values, so no two flags coincide."""
+    rolls, batches, updates = (spy(monkeypatch, n) for n in ("rollout_groups", "make_grpo_batch", "grpo_update"))
+    flags = dict(ratio="geometric", clip_eps=0.3, max_log_ratio=7.0, entropy_coef=0.01, kl_coef=0.5, grad_clip=0.7,
+                 online_dropout=True, adv_eps=0.25, relabel=True, target_entropy=-2.5, group_size=3, sub_len=2,
+                 cont_len=3, rtg_scale=2e-3, groups_per_round=1, grpo_minibatch=0, grpo_epochs=1)
+    trainer = make_trainer(tmp_path, **flags)
+    dt_grpo.train(trainer, StopWhen(lambda: trainer.counters["rounds"] == 1))
+    assert {k: v for k, v in rolls[-1][1].items() if k != "seed"} == dict(group_size=3, sub_len=2, cont_len=3,
+                                                                          relabel=True)
+    assert batches[-1][1] == dict(group_size=3, adv_eps=0.25, relabel=True, rtg_scale=2e-3)
+    assert updates[-1][1] == dict(ratio="geometric", clip_eps=0.3, max_log_ratio=7.0, entropy_coef=0.01, kl_coef=0.5,
+                                  target_entropy=-2.5, grad_clip=0.7, dropout=True)
+    critic_updates = spy(monkeypatch, "critic_update")
+    (tmp_path / "q").mkdir()
+    trainer = make_trainer(tmp_path / "q", use_critic=True, gamma=0.8, tau=0.1)
+    dt_grpo.train(trainer, StopWhen(lambda: "todo" in trainer.round_state))
+    assert critic_updates and all(c[1] == dict(gamma=0.8, tau=0.1) for c in critic_updates)
 
 
 def test_reference_policy_is_a_frozen_copy_of_the_pretrained_model(tmp_path):
     """The KL anchor π_ref is the policy as pretraining left it: a separate frozen copy that GRPO updates do
     not move, and grpo_step measures KL against it (not against π_θ)."""
     trainer = make_trainer(tmp_path, online_steps=0, kl_coef=1.0)
-    trainer.finetune(SimpleNamespace(requested=False))
+    dt_grpo.train(trainer, StopWhen(lambda: False))
     ref = trainer.ref_model
     assert ref is not None and ref is not trainer.model
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), trainer.model.parameters(), strict=True))
@@ -735,9 +790,7 @@ def test_reference_policy_is_a_frozen_copy_of_the_pretrained_model(tmp_path):
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     trainer.args.online_steps = 10**6
-    trainer.start_round()
-    trainer.collect_groups(SimpleNamespace(requested=False))
-    trainer.plan_updates()
+    dt_grpo.train(trainer, StopWhen(lambda: "perms" in trainer.round_state))
     stats = trainer.grpo_step(trainer.round_state["perms"][0])
     assert stats["train/kl_ref"].item() > 1e-3
     assert not all(torch.equal(a, b) for a, b in zip(ref.parameters(), trainer.model.parameters(), strict=True))
@@ -746,17 +799,17 @@ def test_reference_policy_is_a_frozen_copy_of_the_pretrained_model(tmp_path):
 def test_qgrpo_round_critic_updates_warmup_and_sampled_reference(tmp_path, monkeypatch):
     """Q-GRPO: the reference episode is rolled with SAMPLED actions, all its transitions enter the critic's
     replay, max(1, round(T·--critic-updates-per-step)) critic updates follow; groups only once --critic-warmup
-    env steps have passed (or the whole budget is shorter than the warm-up)."""
+    env steps have passed (or the whole budget is shorter than the warm-up); no member is rolled out."""
     refs, updates = spy(monkeypatch, "reference_rollout"), spy(monkeypatch, "critic_update")
     trainer = make_trainer(tmp_path, use_critic=True, critic_updates_per_step=0.5, critic_warmup=10**6)
-    trainer.start_round()
+    dt_grpo.train(trainer, StopWhen(lambda: "todo" in trainer.round_state))  # steps (1)-(2) and the critic
     n = len(trainer.round_state["ref"]["rewards"])
     assert refs[-1][1]["sample"] is True
     assert trainer.critic_replay.size == n and len(updates) == max(1, round(n * 0.5))
-    assert trainer.round_state["parts"] == [] and trainer.round_state["next_group"] == 2
-    trainer.round_state.clear()
-    trainer.args.online_steps = 1  # a budget shorter than the warm-up: the policy is still updated
-    trainer.start_round()
+    assert trainer.round_state["parts"] == [] and trainer.round_state["todo"] == []
+    (tmp_path / "short").mkdir()  # a budget shorter than the warm-up: the policy is still updated
+    trainer = make_trainer(tmp_path / "short", use_critic=True, critic_warmup=10**6, online_steps=1)
+    dt_grpo.train(trainer, StopWhen(lambda: "todo" in trainer.round_state))
     (part,) = trainer.round_state["parts"]
     assert len(part["t0"]) == 2 * 3 and part["env_steps"] == 0
     with torch.no_grad():  # scored by the ONLINE critic's twin minimum (the target copy lags behind)
@@ -773,23 +826,26 @@ def test_evaluations_follow_env_steps_and_windows_use_the_eval_context(tmp_path)
     trainer = make_trainer(tmp_path, eval_interval=50, context_len=5, eval_context_len=2)
     evaluations = []
     trainer.evaluate = lambda: evaluations.append(trainer.counters["env_steps"]) or {"eval/return_mean": 0.0}
-    trainer.round_state = {"eval_time": 0.0}
     for n in (30, 15, 10, 40, 8):
-        trainer.count_steps(n)
+        trainer.count_steps(n, since=0.0)
     assert evaluations == [55, 103]
     assert trainer.window_agent(3).k == 2 and trainer.window_agent(3).win["states"].shape == (3, 2, S)
 
 
-def test_group_size_one_and_relabel_with_a_critic_are_refused(monkeypatch):
-    """Advantages are normalised within a group, so G ≥ 2; Q-GRPO members have no achieved returns to relabel."""
-    data = SimpleNamespace(family="hopper", dataset_kind="random", act_dim=A, ref_max_score=None,
-                           episodes=[episode([1.0] * 20, act_dim=A)], make_env=lambda: gym.make("Hopper-v5"))
+def test_group_size_one_and_relabel_with_a_critic_are_refused(monkeypatch, tmp_path):
+    """Advantages are normalised within a group, so G ≥ 2; Q-GRPO members have no achieved returns to relabel;
+    both refused before a run folder is made."""
+    data = SimpleNamespace(family="hopper", dataset_kind="random", act_dim=A, obs_dim=S, ref_max_score=None,
+                           source="fake", episodes=[episode([1.0] * 20, act_dim=A)],
+                           make_env=lambda: gym.make("Hopper-v5"))
     monkeypatch.setattr(dt_grpo, "load_dataset", lambda *a, **k: data)
-    with pytest.raises(dt_grpo.UserError, match="group size must be"):
-        dt_grpo.load_and_check(dt_grpo.Args(env_id="hopper-random-v2", group_size=1))
-    with pytest.raises(dt_grpo.UserError, match="--relabel"):
-        dt_grpo.load_and_check(dt_grpo.Args(env_id="hopper-random-v2", advantage="critic", relabel=True))
-    assert dt_grpo.load_and_check(dt_grpo.Args(env_id="hopper-random-v2", group_size=2))[2] is False
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(dt_grpo.run.UserError, match="--group-size must be ≥ 2"):
+        dt_grpo.set_up(dt_grpo.Args(env_id="hopper-random-v2", group_size=1, cuda=False))
+    with pytest.raises(dt_grpo.run.UserError, match="--relabel"):
+        dt_grpo.set_up(dt_grpo.Args(env_id="hopper-random-v2", advantage="critic", relabel=True, cuda=False))
+    assert not (tmp_path / "runs").exists()
+    assert dt_grpo.set_up(dt_grpo.Args(env_id="hopper-random-v2", group_size=2, cuda=False))[5] is False
 
 
 def test_checkpoint_keeps_the_pretrained_anchor(tmp_path):
@@ -797,7 +853,7 @@ def test_checkpoint_keeps_the_pretrained_anchor(tmp_path):
     resumed run anchors to the same π_ref."""
     (tmp_path / "a").mkdir()
     trainer = make_trainer(tmp_path / "a", online_steps=0)
-    trainer.finetune(SimpleNamespace(requested=False))
+    dt_grpo.train(trainer, StopWhen(lambda: False))
     anchor = [p.detach().clone() for p in trainer.ref_model.parameters()]
     with torch.no_grad():
         for p in trainer.model.parameters():

@@ -23,6 +23,7 @@ import dt_grpo
 import odt
 import odt_td3
 import reinformer_ag as rf
+from common import run
 from common.datasets import Episode
 from common.evaluation import make_vector_env, rollout
 from common.toys import vitamin_reward
@@ -114,6 +115,13 @@ def td3_setup(seed=0, rtg_scale=0.5, **kw):
     return args, model, copy.deepcopy(model), critic, copy.deepcopy(critic), optimizer, scheduler, critic_optimizer
 
 
+def td3_hyper(args, alpha: float) -> dict:
+    """odt_td3.td3_update's hyperparameters, as odt_td3's Trainer passes them from its flags."""
+    return dict(alpha=alpha, supervised_coef=args.supervised_coef, q_normalize=args.q_normalize, gamma=args.gamma,
+                tau=args.tau, policy_noise=args.policy_noise, noise_clip=args.noise_clip, grad_clip=args.grad_clip,
+                bf16_targets=args.bf16_targets)
+
+
 def td3_replay(episodes, rtg_scale, obs_dim=1, reward_shift=0.0):
     replay = odt_td3.TrajectoryReplay(len(episodes), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32),
                                       rtg_scale, 10, CPU, reward_shift)
@@ -140,6 +148,16 @@ def rf_setup(seed=0, rtg_scale=0.5, **kw):
     t_opt = torch.optim.Adam([log_t], lr=args.temperature_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     return args, model, critic, optimizer, scheduler, log_t, t_opt, critic_optimizer
+
+
+def rf_update(model, optimizer, scheduler, log_t, t_opt, critic, critic_opt, data, rng, args):
+    """One update as reinformer_ag's training loop makes it: Reinformer on windows, then IQL on transitions."""
+    windows = data.sample(args.batch_size, args.context_len, rng)
+    rf.reinformer_update(model, optimizer, scheduler, log_t, t_opt, windows, expectile=args.expectile,
+                         target_entropy=args.target_entropy, grad_clip=args.grad_clip)
+    for _ in range(args.critic_updates):
+        rf.iql_update(critic, critic_opt, data.sample_transitions(args.critic_batch_size, rng), gamma=args.gamma,
+                      expectile=args.iql_expectile, polyak=args.polyak)
 
 
 # --- (a) return conditioning after pretraining, on r = c + a --------------------------------------------------
@@ -172,8 +190,8 @@ def test_odt_td3_action_follows_the_return_it_is_conditioned_on():
     args, model, model_t, critic, critic_t, optimizer, scheduler, critic_opt = td3_setup()
     replay, rng = td3_replay(one_step_episodes(), args.rtg_scale), np.random.default_rng(0)
     for _ in range(UPDATES):  # pretraining: α = 0 (Table 9), the transformer is trained by the MSE alone
-        odt_td3.update(model, model_t, critic, critic_t, optimizer, scheduler, critic_opt,
-                       [replay.sample(args.batch_size, 1, rng)], 0.0, args)
+        odt_td3.td3_update(model, model_t, critic, critic_t, optimizer, scheduler, critic_opt,
+                           [replay.sample(args.batch_size, 1, rng)], **td3_hyper(args, alpha=0.0))
     assert_follows_the_target(conditioned_returns(
         lambda target: odt_td3.DTAgent(model, args, ZERO, ONE, target, noise=0.0, device=CPU, max_ep_len=10)))
 
@@ -182,7 +200,7 @@ def test_reinformer_target_conditioning_follows_the_target():
     args, model, critic, optimizer, scheduler, log_t, t_opt, critic_opt = rf_setup()
     data, rng = rf.OfflineDataset(RFData(one_step_episodes()), args.rtg_scale, 10, CPU), np.random.default_rng(0)
     for _ in range(UPDATES):
-        rf.update(model, optimizer, scheduler, log_t, t_opt, critic, critic_opt, data, rng, args)
+        rf_update(model, optimizer, scheduler, log_t, t_opt, critic, critic_opt, data, rng, args)
 
     def agent(target):
         a = copy.copy(args)
@@ -280,7 +298,8 @@ def test_lamb_moves_zero_initialised_tensors_odt_td3():
     zeros = zero_tensors(model)
     batch = td3_replay(target_action_episodes(), args.rtg_scale).sample(64, 1, np.random.default_rng(0))
     for _ in range(N_LAMB):
-        odt_td3.update(model, model_t, critic, critic_t, optimizer, scheduler, critic_opt, [batch], 0.0, args)
+        odt_td3.td3_update(model, model_t, critic, critic_t, optimizer, scheduler, critic_opt, [batch],
+                           **td3_hyper(args, alpha=0.0))
     assert_moved(zeros, args.learning_rate, N_LAMB)
 
 
@@ -291,7 +310,7 @@ def test_lamb_moves_zero_initialised_tensors_reinformer():
     assert "log_std" in zeros
     data = rf.OfflineDataset(RFData(target_action_episodes()), args.rtg_scale, 10, CPU)
     for _ in range(N_LAMB):
-        rf.update(model, optimizer, scheduler, log_t, t_opt, critic, critic_opt, data, np.random.default_rng(0), args)
+        rf_update(model, optimizer, scheduler, log_t, t_opt, critic, critic_opt, data, np.random.default_rng(0), args)
     assert_moved(zeros, args.learning_rate, N_LAMB)
 
 
@@ -482,7 +501,7 @@ def test_reinformer_entropy_bonus_raises_the_log_std():
     data = rf.OfflineDataset(RFData(target_action_episodes()), args.rtg_scale, 10, CPU)  # NLL alone: σ shrinks
     frozen, rng = torch.optim.Adam([log_t], lr=0.0), np.random.default_rng(0)
     for _ in range(20):
-        rf.update(model, optimizer, scheduler, log_t, frozen, critic, critic_opt, data, rng, args)
+        rf_update(model, optimizer, scheduler, log_t, frozen, critic, critic_opt, data, rng, args)
     assert model.log_std.item() > 0.01  # starts at 0; ≈ 20 Adam steps of lr 1e-3 upwards
 
 
@@ -515,14 +534,26 @@ def test_odt_nll_counts_valid_steps_only():
 
 
 def test_odt_td3_losses_count_valid_steps_only():
+    """Every loss and statistic of td3_update (actor MSE and RL term, critic loss, mean Q) averages over the valid
+    steps only: padded windows give the step-weighted mean of their trimmed parts, junk in the padding changes
+    nothing."""
     torch.manual_seed(0)
     model = odt_td3.DecisionTransformer(3, 1, 16, 1, 2, 0.0, 10, False)
     critic = odt_td3.Critic(3, 1, 16, False)
-    args = odt_td3.Args(supervised_coef=1.0, q_normalize=False)
-    stats = lambda b: {k: v.item() for k, v in odt_td3.actor_loss(model, critic, b, 0.5, args)[1].items()}
+    args = odt_td3.Args(supervised_coef=1.0, q_normalize=False, gamma=0.9, policy_noise=0.0, bf16_targets=False)
+
+    def stats(b):  # one td3_update at learning rate 0, on copies: the losses of batch b as the networks stand
+        b = dict(b, rewards=b["rtg"] - 0.5, dones=torch.zeros_like(b["rtg"]), next_states=b["states"].flip(-1),
+                 next_rtg=b["rtg"] * 0.5, next_timesteps=b["timesteps"] + 1)
+        m, c = copy.deepcopy(model), copy.deepcopy(critic)
+        opt = odt_td3.Lamb(odt_td3.lamb_param_groups(m, 0.0), lr=0.0)
+        out = odt_td3.td3_update(m, copy.deepcopy(m).eval(), c, copy.deepcopy(c), opt, odt_td3.warmup_schedule(opt, 1),
+                                 torch.optim.AdamW(c.parameters(), lr=0.0), [b], **td3_hyper(args, alpha=0.5))
+        return {k: v.item() for k, v in out.items()}
+
     batch, trimmed, filled = padded_batch()
     parts = [stats(t) for t in trimmed]
-    for key in ("train/supervised_loss", "train/actor_rl_loss"):
+    for key in ("train/supervised_loss", "train/actor_rl_loss", "train/critic_loss", "train/q_mean"):
         expected = (2 * parts[0][key] + 3 * parts[1][key]) / 5
         assert stats(batch)[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
         assert stats(filled)[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
@@ -621,10 +652,10 @@ def test_evaluation_seeds_are_fixed_distinct_and_per_run(script):
 def test_interval_fires_once_per_multiple_counted_from_its_start(script):
     """`Interval(every, start).due(n)`: True once each time n passes a multiple of `every`, the multiples at or
     below `start` (already done before a resume) excluded."""
-    interval = script.Interval(10, start=0)
+    interval = script.run.Interval(10, start=0)
     assert [interval.due(n) for n in (3, 9, 10, 10, 12, 19, 20, 35, 36, 40)] == \
         [False, False, True, False, False, False, True, True, False, True]
-    resumed = script.Interval(10, start=25)
+    resumed = script.run.Interval(10, start=25)
     assert [resumed.due(n) for n in (26, 29, 30, 31, 40)] == [False, False, True, False, True]
 
 
@@ -662,37 +693,37 @@ def test_one_step_defaults_scale_every_return_and_the_target_into_unit_range(scr
 def test_validate_args_rejects_each_flag_below_its_minimum_and_accepts_it_at_the_minimum():
     """Every numeric flag is checked against VALID_MIN before any work (values at the minimum pass), dropout must be
     in [0, 1) and embed_dim divisible by n_heads."""
-    odt.validate_args(odt.Args(**odt.VALID_MIN, dropout=0.0))
+    odt.run.validate_args(odt.Args(**odt.VALID_MIN, dropout=0.0), odt.VALID_MIN)
     for name, low in odt.VALID_MIN.items():
         below = low - 1 if isinstance(low, int) else low / 2 if low > 0 else -1e-3
-        with pytest.raises(odt.UserError, match=name.replace("_", "-")):
-            odt.validate_args(odt.Args(**{name: below}))
+        with pytest.raises(odt.run.UserError, match=name.replace("_", "-")):
+            odt.run.validate_args(odt.Args(**{name: below}), odt.VALID_MIN)
     for bad in (dict(dropout=1.0), dict(dropout=-0.1), dict(embed_dim=10, n_heads=4)):
-        with pytest.raises(odt.UserError):
-            odt.validate_args(odt.Args(**bad))
+        with pytest.raises(odt.run.UserError):
+            odt.run.validate_args(odt.Args(**bad), odt.VALID_MIN)
 
 
 def test_cpu_preset_changes_only_flags_left_at_their_defaults():
     """--preset cpu applies PRESETS["cpu"] to every field still at its default; explicit flags win."""
-    args = odt.apply_preset(odt.Args(preset="cpu", batch_size=7), None)
+    args = odt.run.apply_preset(odt.Args(preset="cpu", batch_size=7), None, odt.PRESETS)
     assert args.batch_size == 7 and args.embed_dim == odt.PRESETS["cpu"]["embed_dim"]
     assert args.n_layers == odt.PRESETS["cpu"]["n_layers"] and args.online_steps == odt.PRESETS["cpu"]["online_steps"]
-    assert odt.apply_preset(odt.Args(preset="paper"), None).embed_dim is None
-    typed = odt.apply_preset(odt.Args(preset="cpu", batch_size=256), {"batch_size"})  # typed at its default value
+    assert odt.run.apply_preset(odt.Args(preset="paper"), None, odt.PRESETS).embed_dim is None
+    typed = odt.run.apply_preset(odt.Args(preset="cpu", batch_size=256), {"batch_size"}, odt.PRESETS)  # at default
     assert typed.batch_size == 256 and typed.embed_dim == odt.PRESETS["cpu"]["embed_dim"]
 
 
 def test_stats_meter_rows_are_means_over_the_updates_since_the_last_row():
-    meter = odt.StatsMeter()
+    meter = odt.run.StatsMeter()
     for value, seconds in ((1.0, 0.5), (3.0, 1.5)):
         meter.add({"a": torch.tensor(value), "b": torch.tensor(2 * value)}, seconds)
     assert meter.updates_per_second() == pytest.approx(1.0)
     assert meter.pop() == pytest.approx({"a": 2.0, "b": 4.0})
     meter.add({"a": torch.tensor(5.0), "b": torch.tensor(0.0)}, 1.0)
     assert meter.pop() == pytest.approx({"a": 5.0, "b": 0.0})  # the previous row's updates are gone
-    with pytest.raises(odt.NonFiniteLossError):
-        odt.check_finite({"a": 1.0, "b": float("nan")}, {"updates": 3}, Path("."))
-    odt.check_finite({"a": 1.0}, {"updates": 3}, Path("."))
+    with pytest.raises(run.NonFiniteLossError):
+        odt.run.check_finite({"a": 1.0, "b": float("nan")}, {"updates": 3}, Path("."))
+    odt.run.check_finite({"a": 1.0}, {"updates": 3}, Path("."))
 
 
 def test_rng_state_round_trip_replays_numpy_torch_and_python_draws():
@@ -700,9 +731,9 @@ def test_rng_state_round_trip_replays_numpy_torch_and_python_draws():
     import random
 
     rng = np.random.default_rng(0)
-    state = copy.deepcopy(odt.rng_state(rng))
+    state = copy.deepcopy(odt.run.rng_state(rng))
     first = (rng.random(3), torch.rand(3), random.random())
-    odt.restore_rng_state(rng, state)
+    odt.run.restore_rng_state(rng, state)
     second = (rng.random(3), torch.rand(3), random.random())
     np.testing.assert_array_equal(first[0], second[0])
     assert torch.equal(first[1], second[1]) and first[2] == second[2]
@@ -711,7 +742,7 @@ def test_rng_state_round_trip_replays_numpy_torch_and_python_draws():
 def test_resumed_run_logger_drops_rows_written_after_the_checkpoint(tmp_path):
     args = odt.Args()
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"global_step": s}) + "\n" for s in (1, 5, 9, 12)))
-    logger = odt.RunLogger(tmp_path, args, resume_step=9)
+    logger = odt.run.RunLogger(tmp_path, args, resume_step=9)
     logger.log({"global_step": 10})
     logger.close()
     steps = [json.loads(line)["global_step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -458,23 +458,48 @@ def record_calls(monkeypatch, name):
     return calls
 
 
-def test_collect_round_explores_with_sampled_actions_on_g_online_and_fresh_seeds(tmp_path, monkeypatch):
-    """Alg. 1 lines 5-6: each round rolls out whole episodes (ended by the 5-step time limit) with SAMPLED actions,
+def test_explore_rolls_out_sampled_actions_on_g_online_with_fresh_seeds(tmp_path, monkeypatch):
+    """Alg. 1 line 4: each round rolls out whole episodes (ended by the 5-step time limit) with SAMPLED actions,
     conditioned on g_online × rtg_scale, until --min-steps-per-round new steps; episode i of round r resets with
-    online_episode_seed(seed, r, i), never an evaluation seed; every episode enters the FIFO replay; the round
-    then owes --updates-per-round updates."""
+    online_episode_seed(seed, r, i), never an evaluation seed; the round and its env steps are counted."""
     calls = record_calls(monkeypatch, "rollout")
     t = make_trainer(tmp_path, min_steps_per_round=7)
-    assert t.collect_round() == 10
-    assert t.counters["env_steps"] == 10 and t.counters["rounds"] == 1 and t.counters["round_updates_left"] == 2
-    assert len(t.replay) == 3 and 18.0 in returns_of(t.replay)  # both online episodes evicted the worst (9, 15)
-    assert 9.0 not in returns_of(t.replay) and 15.0 not in returns_of(t.replay)
-    assert all(len(tr["rewards"]) == 5 for tr in t.replay.trajectories[:2])
-    t.counters["round_updates_left"] = 0
-    t.collect_round()
+    episodes = t.explore()
+    assert [len(e.rewards) for e in episodes] == [5, 5] and len(t.replay) == 3  # the loop adds them, not explore
+    assert t.counters["env_steps"] == 10 and t.counters["rounds"] == 1 and t.counters["round_updates_left"] == 0
+    assert t.counters["round"]["rollout/length"] == 5.0
+    assert t.counters["round"]["rollout/return"] == pytest.approx(np.mean([e.rewards.sum() for e in episodes]))
+    t.explore()
     assert [c["seeds"] for c in calls] == [[odt.online_episode_seed(3, r, i)] for r in (0, 1) for i in (0, 1)]
     assert all(c["sample"] and c["target"] == pytest.approx(11.0 * 0.1) and c["context"] == 2 for c in calls)
     assert not {c["seeds"][0] for c in calls} & set(odt.eval_seeds(3, 2))
+
+
+def test_a_round_adds_every_episode_to_the_fifo_replay_then_takes_updates_per_round_steps(tmp_path, monkeypatch):
+    """Alg. 1 lines 4-6: every episode of a round enters the online FIFO replay (not the offline data), evicting
+    the oldest (here the worst offline ones, 9 and 15); then exactly --updates-per-round updates on that replay,
+    however many episodes the round took; a stop mid-round leaves the rest of the round's updates to do, which the
+    resumed loop does without a new rollout or a second evaluation of the pretrained policy."""
+    t = make_trainer(tmp_path, min_steps_per_round=7, pretrain_updates=0, online_steps=10, updates_per_round=3)
+    seen, evaluated, stop = [], [], type("Stop", (), {"requested": False})()
+
+    def train_step(source):
+        seen.append((source is t.replay, returns_of(source)))
+        t.counters["updates"] += 1
+        stop.requested = len(seen) == 2
+
+    monkeypatch.setattr(t, "train_step", train_step)
+    monkeypatch.setattr(t, "evaluate", lambda: evaluated.append(t.counters["env_steps"]) or {
+        "eval/return_mean": 0.0, "eval/normalized_score_mean": 0.0})
+    odt.train(t, stop)
+    assert [s[0] for s in seen] == [True, True] and t.counters["round_updates_left"] == 1 and evaluated == [0]
+    online = seen[0][1]
+    assert len(online) == 3 and 18.0 in online and 9.0 not in online and 15.0 not in online
+    assert all(len(tr["rewards"]) == 5 for tr in t.replay.trajectories[:2]) and len(t.offline) == 5
+    stop.requested = False
+    odt.train(t, stop)  # the resumed loop finishes the round: one update, no new episode
+    assert len(seen) == 3 and t.counters["round_updates_left"] == 0 and t.counters["rounds"] == 1
+    assert t.counters["env_steps"] == 10 and evaluated == [0, 10]  # after pretraining, after the last round
 
 
 def test_evaluation_uses_the_mean_action_on_g_eval_and_the_same_fixed_seeds(tmp_path, monkeypatch):
@@ -505,8 +530,7 @@ def test_phases_sample_their_replays_with_k_and_rounds_do_updates_per_round(tmp_
         "eval/return_mean": 0.0, "eval/return_std": 0.0, "eval/normalized_score_mean": 0.0,
         "eval/normalized_score_std": 0.0, "eval/length_mean": 5.0})
     stop = type("Stop", (), {"requested": False})()
-    t.pretrain(stop)
-    t.finetune(stop)
+    odt.train(t, stop)
     t.logger.close()
     assert sampled == [("offline", 3)] * 3 + [("online", 3)] * 6
     assert (t.counters["updates"], t.counters["rounds"], t.counters["env_steps"]) == (9, 3, 15)
@@ -519,7 +543,8 @@ def test_checkpoint_restores_temperature_its_optimiser_replay_and_counters(tmp_p
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     t = make_trainer(tmp_path / "a")
-    t.collect_round()
+    for episode in t.explore():
+        t.replay.add(episode)
     for _ in range(2):
         t.train_step(t.replay)
     state = copy.deepcopy(t.state_dict())
@@ -618,7 +643,7 @@ def test_video_episode_ends_at_the_time_limit(tmp_path, monkeypatch):
     make_env = lambda render_mode=None: gym.wrappers.TimeLimit(RenderSteps(render_mode), max_episode_steps=5)
     agent = odt.DTAgent(tiny_model(obs_dim=2, act_dim=1), odt.Args(eval_context_len=2, rtg_scale=0.5),
                         np.zeros(2, np.float32), np.ones(2, np.float32), 4.0, sample=False, device=CPU, max_ep_len=5)
-    odt.record_video(make_env, agent, seed=odt.eval_seeds(1, 1)[0], path=tmp_path / "eval.mp4")
+    odt.run.record_video(make_env, agent, seed=odt.eval_seeds(1, 1)[0], path=tmp_path / "eval.mp4")
     assert saved.get("frames") == [0, 1, 2, 3, 4, 5] and saved.get("path") == tmp_path / "eval.mp4"
 
 
@@ -679,5 +704,5 @@ def test_unknown_family_conditions_on_the_expert_return_and_explores_at_twice_it
     """App. D: without a table row, g_eval = the reference max score and g_online = 2 × it; without one, an error."""
     args = odt.apply_dataset_defaults(odt.Args(), TableData("pen", "human", act_dim=24, ref_max=3000.0))
     assert (args.g_eval, args.g_online, args.target_entropy) == (3000.0, 6000.0, -24.0)
-    with pytest.raises(odt.UserError, match="g-eval"):
+    with pytest.raises(odt.run.UserError, match="g-eval"):
         odt.apply_dataset_defaults(odt.Args(), TableData("pen", "human"))

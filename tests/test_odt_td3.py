@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_odt_td3_equations import HYPER, record_targets
 
 import odt_td3
 from common.datasets import Episode
@@ -44,12 +45,6 @@ def make_replay(episodes, rtg_scale=1.0, reward_shift=0.0, obs_dim=2):
     return replay
 
 
-def args_for_test(**kw) -> odt_td3.Args:
-    base = dict(gamma=0.99, policy_noise=0.0, noise_clip=0.5, tau=0.005, policy_interval=2, alpha_online=0.1,
-                supervised_coef=1.0, q_normalize=False, grad_clip=0.25)
-    return odt_td3.Args(**{**base, **kw})
-
-
 class ConstantActor(torch.nn.Module):
     """Stands in for the target transformer: records its inputs, always proposes the action 0.5."""
 
@@ -76,12 +71,12 @@ def test_td_target_formula():
     torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * 8.0, 2.0]))  # min(Q1', Q2'); no bootstrap at done
 
 
-def test_critic_targets_terminal_vs_truncation_by_hand():
+def test_critic_targets_terminal_vs_truncation_by_hand(monkeypatch):
     """Episode A (3 steps) ends in a terminal, episode B (2 steps) is cut by the time limit: B's last step
     bootstraps from its next observation, A's does not. y = r + γ(1 − done)(s'_0 + 0.5)."""
     replay = make_replay([episode(0.0, [1.0, 2.0, 3.0], terminal=True), episode(10.0, [5.0, 6.0], terminal=False)])
     batch = replay.sample(256, 3, np.random.default_rng(0))
-    y = odt_td3.critic_targets(StateCritic(), ConstantActor(), batch, args_for_test())
+    y = record_targets(monkeypatch, ConstantActor(), StateCritic(), batch, gamma=0.99)["y"]
     g = 0.99
     expected = {0.0: 1 + g * 1.5, 1.0: 2 + g * 2.5, 2.0: 3.0, 10.0: 5 + g * 11.5, 11.0: 6 + g * 12.5}
     states, valid = batch["states"][..., 0], batch["valid"]
@@ -93,22 +88,25 @@ def test_critic_targets_terminal_vs_truncation_by_hand():
     assert (dones[valid & (states == 2.0)] == 1).all() and (dones[valid & (states == 11.0)] == 0).all()
 
 
-def test_target_policy_smoothing_is_clipped_then_clamped():
-    torch.manual_seed(0)
+def test_target_policy_smoothing_is_clipped_then_clamped(monkeypatch):
+    """ã = clamp(μ' + clip(ε, −c, c), −1, 1), ε ~ N(0, σ²) (TD3 §5.3), with --policy-noise σ and --noise-clip c."""
     replay = make_replay([episode(0.0, [1.0] * 4, terminal=True)])
     batch = replay.sample(512, 4, np.random.default_rng(0))
-    a = odt_td3.target_actions(ConstantActor(), batch, policy_noise=10.0, noise_clip=0.5)
+    a = record_targets(monkeypatch, ConstantActor(), StateCritic(), batch, policy_noise=10.0,
+                       noise_clip=0.5)["next_actions"]
     assert a.min() >= 0.0 - 1e-6 and a.max() == 1.0  # 0.5 ± 0.5, then clamp to [−1, 1]
-    a = odt_td3.target_actions(ConstantActor(), batch, policy_noise=0.2, noise_clip=0.5)
+    a = record_targets(monkeypatch, ConstantActor(), StateCritic(), batch, policy_noise=0.2,
+                       noise_clip=0.5)["next_actions"]
     assert 0.15 < (a - 0.5).std() < 0.25
 
 
 # --- the shifted window ---------------------------------------------------------------------------------
-def test_target_actor_sees_the_window_shifted_by_one_step():
+def test_target_actor_sees_the_window_shifted_by_one_step(monkeypatch):
+    """The target actor's input is the window one step later: (R_{t+1}, s_{t+1}, a_{t+1}, t+1) at every position."""
     replay = make_replay([episode(0.0, [1.0, 2.0, 3.0, 4.0], terminal=False)], rtg_scale=0.1)
     batch = replay.sample(256, 3, np.random.default_rng(0))
     actor = ConstantActor()
-    odt_td3.target_actions(actor, batch, 0.0, 0.5)
+    record_targets(monkeypatch, actor, StateCritic(), batch)
     seen, valid = actor.seen, batch["valid"]
     torch.testing.assert_close(seen["states"][valid], batch["states"][valid] + 1)  # s_{t+1}, incl. the last step
     rtg_next = {0.0: 0.9, 1.0: 0.7, 2.0: 0.4, 3.0: 0.0}  # R_{t+1} · 0.1 for rewards 1..4
@@ -122,7 +120,7 @@ def test_target_actor_sees_the_window_shifted_by_one_step():
     assert torch.equal(seen["valid"], valid)
 
 
-def test_shifted_window_target_equals_acting_one_step_later():
+def test_shifted_window_target_equals_acting_one_step_later(monkeypatch):
     """With target = online copy, eval mode and no noise, the target action at window position j equals the
     action the transformer outputs for the real window that ends one step later (at s_{t+1})."""
     torch.manual_seed(0)
@@ -130,7 +128,7 @@ def test_shifted_window_target_equals_acting_one_step_later():
     replay = make_replay([episode(0.0, [1.0, 0.5, 2.0, 1.5, 3.0], terminal=False)], rtg_scale=0.1)
     batch = replay.sample(64, 3, np.random.default_rng(0))
     full = batch["valid"].all(1)
-    target = odt_td3.target_actions(model, batch, 0.0, 0.5)
+    target = record_targets(monkeypatch, model, StateCritic(), batch)["next_actions"]
     flat = replay._flat
     start = int(batch["timesteps"][full][0, 0])  # a full window t0..t0+2 → steps t0+1..t0+3 one step later
     for j in range(3):
@@ -167,7 +165,6 @@ def test_polyak_update():
 def test_delayed_update_schedule():
     """One update = policy_interval critic steps, then one actor step and one Polyak step of both targets."""
     torch.manual_seed(0)
-    args = args_for_test(policy_interval=3)
     model = odt_td3.DecisionTransformer(2, 1, 16, 1, 1, 0.0, 1000, False)
     critic = odt_td3.Critic(2, 1, 32, layer_norm=True)
     model_target, critic_target = copy.deepcopy(model), copy.deepcopy(critic)
@@ -176,11 +173,11 @@ def test_delayed_update_schedule():
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-3)
     replay = make_replay([episode(0.0, [1.0] * 6, terminal=True)])
     rng = np.random.default_rng(0)
-    batches = [replay.sample(8, 4, rng) for _ in range(args.policy_interval)]
+    batches = [replay.sample(8, 4, rng) for _ in range(3)]
     critic_before = [p.detach().clone() for p in critic.parameters()]
     ct_before = [p.detach().clone() for p in critic_target.parameters()]
-    stats = odt_td3.update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer,
-                           batches, 0.1, args)
+    stats = odt_td3.td3_update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer,
+                               batches, **HYPER)
     assert critic_optimizer.state[next(critic.parameters())]["step"] == 3
     assert [g["step"] for g in optimizer.param_groups] == [1, 1] and scheduler.last_epoch == 1
     for b, t, s in zip(ct_before, critic_target.parameters(), critic.parameters(), strict=True):
@@ -192,7 +189,7 @@ def test_delayed_update_schedule():
 
 @pytest.mark.parametrize("slope", [1.0, -1.0])
 def test_actor_update_moves_actions_along_dq_da(slope):
-    """Pure RL actor (supervised_coef 0) through odt_td3.update with the script's LAMB: with Q1(s, a) = slope·a,
+    """Pure RL actor (supervised_coef 0) through odt_td3.td3_update with the script's LAMB: with Q1(s, a) = slope·a,
     a few actor updates move μ in the direction of ∂Q/∂a = slope (the critic is frozen: lr 0)."""
     torch.manual_seed(0)
     model = odt_td3.DecisionTransformer(2, 1, 16, 1, 1, 0.0, 1000, False)
@@ -212,13 +209,13 @@ def test_actor_update_moves_actions_along_dq_da(slope):
     torch.testing.assert_close(q_up - q, torch.full_like(q, 0.5 * slope))
     optimizer = odt_td3.Lamb(odt_td3.lamb_param_groups(model, 5e-4), lr=1e-2)
     scheduler = odt_td3.warmup_schedule(optimizer, 1)
-    args = args_for_test(supervised_coef=0.0, policy_interval=1)
     mu = lambda: model.act(model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"],
                                  batch["valid"]))[batch["valid"]].mean().item()
     before = mu()
     for _ in range(10):
-        odt_td3.update(model, copy.deepcopy(model), critic, copy.deepcopy(critic), optimizer, scheduler,
-                       torch.optim.SGD(critic.parameters(), lr=0.0), [batch], 1.0, args)
+        odt_td3.td3_update(model, copy.deepcopy(model), critic, copy.deepcopy(critic), optimizer, scheduler,
+                           torch.optim.SGD(critic.parameters(), lr=0.0), [batch],
+                           **{**HYPER, "alpha": 1.0, "supervised_coef": 0.0})
     assert slope * (mu() - before) > 0.3, (before, mu())
 
 

@@ -39,12 +39,6 @@ def replay_of(episodes, capacity: int = 10, rtg_scale: float = 0.1, reward_shift
     return replay
 
 
-def args_for(**kw) -> odt_td3.Args:
-    base = dict(gamma=0.9, policy_noise=0.0, noise_clip=0.5, tau=0.005, policy_interval=1, alpha_online=0.1,
-                supervised_coef=1.0, q_normalize=False, grad_clip=0.25, bf16_targets=False)
-    return odt_td3.Args(**{**base, **kw})
-
-
 def nets(obs_dim: int = 2, act_dim: int = 1, seed: int = 0):
     """A tiny actor, its (different) target, a critic and its (different) target."""
     torch.manual_seed(seed)
@@ -83,35 +77,95 @@ def hand_targets(critic_target, model_target, batch, gamma):
     return batch["rewards"] + gamma * (1 - batch["dones"]) * torch.minimum(q1, q2)
 
 
-# --- the critic: TD target and loss (TD3 Alg. 1; ODT+TD3 §4) --------------------------------------------------
+def hand_critic_loss(critic, critic_target, model_target, batch, gamma):
+    """Σ_i mean_valid (Q_i(s, a) − y)² against the hand targets."""
+    y = hand_targets(critic_target, model_target, batch, gamma)
+    q1, q2 = critic(batch["states"], batch["actions"])
+    return masked_mean((q1 - y) ** 2 + (q2 - y) ** 2, batch["valid"])
+
+
+def hand_actor_loss(model, critic, batch, alpha, supervised_coef=1.0):
+    """(c·MSE + α·RL, MSE, RL) with MSE = mean_valid mean_a (μ − a)² and RL = −mean_valid Q1(s, μ)."""
+    valid = batch["valid"]
+    mu = model.act(model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], valid))
+    sup = masked_mean(((mu - batch["actions"]) ** 2).mean(-1), valid)
+    rl = -masked_mean(critic.q1(torch.cat((batch["states"], mu), -1)).squeeze(-1), valid)
+    return supervised_coef * sup + alpha * rl, sup, rl
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def optimisers(model, critic, actor_lr=1e-3, critic_lr=1e-3):
+    optimizer = odt_td3.Lamb(odt_td3.lamb_param_groups(model, 5e-4), lr=actor_lr)
+    return optimizer, odt_td3.warmup_schedule(optimizer, 10), torch.optim.AdamW(critic.parameters(), lr=critic_lr)
+
+
+# td3_update's hyperparameters in these tests (each test overrides what it checks)
+HYPER = dict(alpha=0.1, supervised_coef=1.0, q_normalize=False, gamma=0.9, tau=0.005, policy_noise=0.0,
+             noise_clip=0.5, grad_clip=0.25, bf16_targets=False)
+
+
+def td3_step(model, model_target, critic, critic_target, batches, actor_lr=1e-3, critic_lr=1e-3, **hyper):
+    """One odt_td3.td3_update with fresh optimisers (LAMB for the actor, AdamW for the critic); its statistics."""
+    optimizer, scheduler, critic_optimizer = optimisers(model, critic, actor_lr, critic_lr)
+    return odt_td3.td3_update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer,
+                              batches, **{**HYPER, **hyper})
+
+
+def record_targets(monkeypatch, model_target, critic_target, batch, obs_dim=2, act_dim=1, **hyper) -> dict:
+    """What one td3_update computes for `batch` in its critic step, recorded where it is made: the TD targets y
+    (B, K) returned by td_target and the smoothed target actions ã (B, K, A) the target critic is asked about.
+    Stand-in targets may have no parameters, so the targets' Polyak step is skipped here (tested on its own)."""
+    seen, td_target = {}, odt_td3.td_target
+
+    def record_y(*a, **kw):
+        seen["y"] = td_target(*a, **kw)
+        return seen["y"]
+
+    def target_critic(states, actions):
+        seen["next_actions"] = actions.clone()
+        return critic_target(states, actions)
+
+    monkeypatch.setattr(odt_td3, "td_target", record_y)
+    monkeypatch.setattr(odt_td3, "polyak_update", lambda target, source, tau: None)
+    model, _, critic, _ = nets(obs_dim, act_dim)
+    td3_step(model, model_target, critic, target_critic, [batch], **hyper)
+    return seen
+
+
+# --- the critic: TD target and loss (TD3 Alg. 1; ODT+TD3 §3.2) ------------------------------------------------
 def test_critic_loss_by_hand_target_networks_and_valid_positions():
     """L_Q = Σ_i mean_valid (Q_i(s, a) − y)², y = r + γ(1 − done)·min(Q1', Q2')(s', ã) with the TARGET critic
     and the TARGET actor on the shifted window (TD3 Alg. 1); padded positions count in neither the loss nor
-    the q_mean statistic."""
+    the q_mean statistic (both reported as the networks stood before the step)."""
     model, model_target, critic, critic_target = nets()
     batch = padded_batch()
-    args = args_for(gamma=0.9)
-    y = hand_targets(critic_target, model_target, batch, 0.9)
-    q1, q2 = critic(batch["states"], batch["actions"])
     valid = batch["valid"]
-    expected = masked_mean((q1 - y) ** 2 + (q2 - y) ** 2, valid)
-    loss, stats = odt_td3.critic_loss(critic, critic_target, model_target, batch, args)
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(stats["train/q_mean"], masked_mean(q1.detach(), valid))
-    # the online networks give a different target: the check above can tell them apart
-    y_online = hand_targets(critic, model, batch, 0.9)
+    expected = hand_critic_loss(critic, critic_target, model_target, batch, 0.9).detach()
+    q1 = critic(batch["states"], batch["actions"])[0].detach()
+    # the online networks give a different target: the check below can tell them apart
+    y, y_online = hand_targets(critic_target, model_target, batch, 0.9), hand_targets(critic, model, batch, 0.9)
     assert (y_online - y)[valid].abs().max() > 1e-3
     assert abs(q1[~valid].mean().item() - q1[valid].mean().item()) > 1e-3  # padding would move q_mean
+    stats = td3_step(model, model_target, critic, critic_target, [batch], gamma=0.9)
+    torch.testing.assert_close(stats["train/critic_loss"], expected)
+    torch.testing.assert_close(stats["train/q_mean"], masked_mean(q1, valid))
 
 
-def test_critic_targets_use_next_state_and_bootstrap_through_time_limits():
-    """y_t bootstraps from s'_t (not s_t); done = 1 only at the terminal step, the time-limit step of a truncated
-    trajectory bootstraps (ODT+TD3 docs: time limits are not terminals; Pardo et al. 2018)."""
+def test_critic_targets_use_next_state_and_bootstrap_through_time_limits(monkeypatch):
+    """y_t bootstraps from s'_t (not s_t) with the discount γ given; done = 1 only at the terminal step, the
+    time-limit step of a truncated trajectory bootstraps (ODT+TD3 docs: time limits are not terminals)."""
     _, model_target, _, critic_target = nets()
     batch = padded_batch()
     valid = batch["valid"]
-    y = odt_td3.critic_targets(critic_target, model_target, batch, args_for(gamma=0.5))
-    torch.testing.assert_close(y[valid], hand_targets(critic_target, model_target, batch, 0.5)[valid])
+    hand = hand_targets(critic_target, model_target, batch, 0.5)
+    y = record_targets(monkeypatch, model_target, critic_target, batch, gamma=0.5)["y"]
+    torch.testing.assert_close(y[valid], hand[valid])
     s = batch["states"][..., 0]
     terminal, truncated = valid & (s == 2.0), valid & (s == 11.0)
     assert terminal.any() and truncated.any()
@@ -119,15 +173,15 @@ def test_critic_targets_use_next_state_and_bootstrap_through_time_limits():
     assert (y[truncated] - batch["rewards"][truncated]).abs().min() > 1e-4  # r + γ·min Q'
 
 
-def test_bf16_targets_flag_is_honoured():
+def test_bf16_targets_flag_is_honoured(monkeypatch):
     """--no-bf16-targets: the target actor runs in fp32 and the targets equal the fp32 hand computation; with
     bf16 they differ slightly (docs: actions change by ~0.005)."""
     _, model_target, _, critic_target = nets()
     batch = padded_batch()
     valid = batch["valid"]
     hand = hand_targets(critic_target, model_target, batch, 0.9)[valid]
-    fp32 = odt_td3.critic_targets(critic_target, model_target, batch, args_for(bf16_targets=False))[valid]
-    bf16 = odt_td3.critic_targets(critic_target, model_target, batch, args_for(bf16_targets=True))[valid]
+    fp32 = record_targets(monkeypatch, model_target, critic_target, batch, bf16_targets=False)["y"][valid]
+    bf16 = record_targets(monkeypatch, model_target, critic_target, batch, bf16_targets=True)["y"][valid]
     torch.testing.assert_close(fp32, hand)
     assert (bf16 - hand).abs().max() > 1e-6
 
@@ -144,17 +198,6 @@ class ConstantActor(torch.nn.Module):
         return torch.full((*h.shape[:2], 1), self.value)
 
 
-def test_target_smoothing_noise_is_clipped_on_both_sides():
-    """ã = clamp(μ' + clip(ε, −c, c), −1, 1), ε ~ N(0, σ²) (TD3 §5.3): with μ' = 0 and a huge σ the noise
-    reaches exactly −c and +c and never beyond."""
-    torch.manual_seed(0)
-    batch = replay_of([ep(0.0, [1.0] * 4, True)]).sample(256, 4, np.random.default_rng(0))
-    a = odt_td3.target_actions(ConstantActor(0.0), batch, policy_noise=10.0, noise_clip=0.3)
-    assert a.min().item() == pytest.approx(-0.3) and a.max().item() == pytest.approx(0.3)
-    a = odt_td3.target_actions(ConstantActor(0.0), batch, policy_noise=0.1, noise_clip=10.0)
-    assert 0.08 < a.std().item() < 0.12  # σ is the std of ε
-
-
 class ActionCritic(torch.nn.Module):
     """Q1(s, a) = a_0, Q2 = Q1 + 1: min(Q1', Q2') is the target action itself."""
 
@@ -162,35 +205,46 @@ class ActionCritic(torch.nn.Module):
         return actions[..., 0], actions[..., 0] + 1
 
 
-def test_critic_targets_pass_the_smoothing_flags_through():
-    """critic_targets smooths with --policy-noise and clips with --noise-clip: with μ' = 0, Q' = ã and γ = 0.5,
-    (y − r)/γ spans exactly [−c, c] at every bootstrapped position."""
-    torch.manual_seed(0)
+def test_target_smoothing_noise_is_clipped_on_both_sides(monkeypatch):
+    """ã = clamp(μ' + clip(ε, −c, c), −1, 1), ε ~ N(0, σ²) (TD3 §5.3): with μ' = 0 and a huge σ the noise
+    reaches exactly −c and +c and never beyond; σ is the std of ε."""
+    batch = replay_of([ep(0.0, [1.0] * 4, True)]).sample(256, 4, np.random.default_rng(0))
+    a = record_targets(monkeypatch, ConstantActor(0.0), ActionCritic(), batch, policy_noise=10.0,
+                       noise_clip=0.3)["next_actions"]
+    assert a.min().item() == pytest.approx(-0.3) and a.max().item() == pytest.approx(0.3)
+    a = record_targets(monkeypatch, ConstantActor(0.0), ActionCritic(), batch, policy_noise=0.1,
+                       noise_clip=10.0)["next_actions"]
+    assert 0.08 < a.std().item() < 0.12
+
+
+def test_critic_targets_pass_the_smoothing_flags_through(monkeypatch):
+    """The TD target uses the smoothed action: with μ' = 0, Q' = ã and γ = 0.5, (y − r)/γ spans exactly [−c, c] at
+    every bootstrapped position; a small σ stays far inside the clip."""
     batch = padded_batch()
-    args = args_for(gamma=0.5, policy_noise=10.0, noise_clip=0.3)
-    y = odt_td3.critic_targets(ActionCritic(), ConstantActor(0.0), batch, args)
     boot = batch["valid"] & (batch["dones"] == 0)
+    y = record_targets(monkeypatch, ConstantActor(0.0), ActionCritic(), batch, gamma=0.5, policy_noise=10.0,
+                       noise_clip=0.3)["y"]
     a = (y - batch["rewards"])[boot] / 0.5
     assert a.min().item() == pytest.approx(-0.3) and a.max().item() == pytest.approx(0.3)
-    y = odt_td3.critic_targets(ActionCritic(), ConstantActor(0.0), batch, args_for(gamma=0.5, policy_noise=0.02,
-                                                                                  noise_clip=1.0))
+    y = record_targets(monkeypatch, ConstantActor(0.0), ActionCritic(), batch, gamma=0.5, policy_noise=0.02,
+                       noise_clip=1.0)["y"]
     a = (y - batch["rewards"])[boot] / 0.5
     assert 0 < a.abs().max().item() < 0.1  # σ = 0.02, far inside the clip
 
 
 @pytest.mark.parametrize("mu", [0.9, -0.9])
-def test_target_action_is_clamped_to_the_action_range_on_both_sides(mu):
+def test_target_action_is_clamped_to_the_action_range_on_both_sides(monkeypatch, mu):
     """The smoothed target action is clamped to [−1, 1] (TD3 §5.3): μ' = ±0.9 plus noise up to ±0.5 stays in
     range and reaches the bound it is near."""
-    torch.manual_seed(0)
     batch = replay_of([ep(0.0, [1.0] * 4, True)]).sample(256, 4, np.random.default_rng(0))
-    a = odt_td3.target_actions(ConstantActor(mu), batch, policy_noise=10.0, noise_clip=0.5)
+    a = record_targets(monkeypatch, ConstantActor(mu), ActionCritic(), batch, policy_noise=10.0,
+                       noise_clip=0.5)["next_actions"]
     assert a.min().item() >= -1.0 and a.max().item() <= 1.0
     assert (a.abs() == 1.0).float().mean() > 0.3
     assert a.min().item() == pytest.approx(mu - 0.5) if mu > 0 else a.max().item() == pytest.approx(mu + 0.5)
 
 
-# --- the actor loss (ODT+TD3 poster "Practical Solution"; TD3+BC normalisation as an option) -----------------
+# --- the actor loss (ODT+TD3 §3.2; TD3+BC normalisation as an option) -----------------------------------------
 def q_positive_critic(obs_dim=2, act_dim=2, seed=1):
     """A critic whose Q1 and Q2 are both > 0 everywhere (large output bias) and differ from each other."""
     torch.manual_seed(seed)
@@ -201,93 +255,80 @@ def q_positive_critic(obs_dim=2, act_dim=2, seed=1):
     return critic
 
 
+def actor_step(model, model_target, critic, batch, **hyper):
+    """td3_update with the critic frozen (lr 0), on copies of the targets: the actor's statistics."""
+    return td3_step(model, copy.deepcopy(model_target), critic, copy.deepcopy(critic), [batch], critic_lr=0.0,
+                    **hyper)
+
+
 def test_actor_loss_by_hand_with_q1_sign_coefficients_and_mask():
     """L = c·mean_valid mean_a (μ − a)² + α·(−mean_valid Q1(s, μ)) with Q1 (not Q2), the minus sign, the
     supervised coefficient c and α as given; padded positions count nowhere (act_dim 2: MSE is a mean over
     action dimensions)."""
-    model, _, _, _ = nets(act_dim=2)
+    model, model_target, _, _ = nets(act_dim=2)
     critic = q_positive_critic()
     batch = padded_batch(act_dim=2)
-    valid = batch["valid"]
-    args = args_for(supervised_coef=0.5)
-    loss, stats = odt_td3.actor_loss(model, critic, batch, 0.3, args)
-    mu = model.act(model(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], valid))
-    sup = masked_mean(((mu - batch["actions"]) ** 2).mean(-1), valid)
-    q1 = critic.q1(torch.cat((batch["states"], mu), -1)).squeeze(-1)
-    rl = -masked_mean(q1, valid)
-    torch.testing.assert_close(stats["train/supervised_loss"], sup)
-    torch.testing.assert_close(stats["train/actor_rl_loss"], rl)
-    torch.testing.assert_close(loss, 0.5 * sup + 0.3 * rl)
+    before = copy.deepcopy(model)
+    loss, sup, rl = hand_actor_loss(before, critic, batch, 0.3, supervised_coef=0.5)
+    stats = actor_step(model, model_target, critic, batch, alpha=0.3, supervised_coef=0.5)
+    torch.testing.assert_close(stats["train/supervised_loss"], sup.detach())
+    torch.testing.assert_close(stats["train/actor_rl_loss"], rl.detach())
+    torch.testing.assert_close(stats["train/actor_loss"], loss.detach())
     assert rl.item() < -1.0  # Q1 ≈ 5 > 0: the RL term is negative (maximising Q1)
+    mu = before.act(before(batch["rtg"], batch["states"], batch["actions"], batch["timesteps"], batch["valid"]))
     q2 = critic.q2(torch.cat((batch["states"], mu), -1)).squeeze(-1)
-    assert abs(masked_mean(q2, valid).item() + rl.item()) > 1.0  # Q2 would give another value
+    assert abs(masked_mean(q2, batch["valid"]).item() + rl.item()) > 1.0  # Q2 would give another value
 
 
 def test_q_normalize_divides_alpha_by_detached_mean_abs_q():
     """--q-normalize: L = c·MSE + α/mean_valid|Q1| · (−mean_valid Q1), the normaliser detached (TD3+BC, Fujimoto
     & Gu 2021, Eq. 3). With Q1 > 0 everywhere the RL term's value is exactly −α, yet its gradient is α/mean|Q1|
     times the gradient of −mean Q1 (a non-detached normaliser would give a zero gradient)."""
-    model, _, _, _ = nets(act_dim=2)
+    model, model_target, _, _ = nets(act_dim=2)
     critic = q_positive_critic()
     batch = padded_batch(act_dim=2)
-    args = args_for(supervised_coef=0.0, q_normalize=True)
-    loss, stats = odt_td3.actor_loss(model, critic, batch, 0.4, args)
-    torch.testing.assert_close(loss, torch.tensor(-0.4))  # padded Q values (unmasked mean|Q|) would change it
-    model.zero_grad()
-    loss.backward()
-    g_norm = model.mu_head.weight.grad.clone()
-    model.zero_grad()
-    rl = odt_td3.actor_loss(model, critic, batch, 0.4, args_for(supervised_coef=0.0))[1]["train/actor_rl_loss"]
-    (0.4 / -rl.detach() * rl).backward()
-    torch.testing.assert_close(g_norm, model.mu_head.weight.grad)
-    assert g_norm.abs().max() > 1e-4
+    plain = copy.deepcopy(model)
+    mean_q = -hand_actor_loss(copy.deepcopy(model), critic, batch, 0.0)[2].item()  # Q1 > 0: mean|Q1| = mean Q1
+    stats = actor_step(model, model_target, critic, batch, alpha=0.4, supervised_coef=0.0, q_normalize=True,
+                       grad_clip=1e9)
+    torch.testing.assert_close(stats["train/actor_loss"], torch.tensor(-0.4))  # padded |Q| would change it
+    actor_step(plain, model_target, critic, batch, alpha=0.4 / mean_q, supervised_coef=0.0, grad_clip=1e9)
+    torch.testing.assert_close(model.mu_head.weight.grad, plain.mu_head.weight.grad)
+    assert model.mu_head.weight.grad.abs().max() > 1e-4
 
 
 # --- one update: delayed policy update, network routing, Polyak, gradient clipping ----------------------------
-def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 5) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def optimisers(model, critic, actor_lr=1e-3, critic_lr=1e-3):
-    optimizer = odt_td3.Lamb(odt_td3.lamb_param_groups(model, 5e-4), lr=actor_lr)
-    return optimizer, odt_td3.warmup_schedule(optimizer, 10), torch.optim.AdamW(critic.parameters(), lr=critic_lr)
-
-
 def run_update(policy_interval: int = 1, tau: float = 0.3, grad_clip: float = 0.25, seed: int = 0):
-    """One odt_td3.update on tiny networks whose targets differ from the online copies; returns the state before
-    (deep copies), the networks after, the batches and the stats."""
+    """One odt_td3.td3_update (α 0.7) on tiny networks whose targets differ from the online copies; returns the
+    state before (deep copies), the networks and optimisers after, the batches and the stats."""
     model, model_target, critic, critic_target = nets(seed=seed)
     model_target.load_state_dict(model.state_dict())
     critic_target.load_state_dict(critic.state_dict())
     perturb(model_target, seed=1)
     perturb(critic_target, seed=2)
-    args = args_for(policy_interval=policy_interval, tau=tau, grad_clip=grad_clip)
     replay = replay_of([ep(0.0, [1.0, 2.0, 3.0], True), ep(10.0, [5.0, 6.0], False)])
     rng = np.random.default_rng(seed)
     batches = [replay.sample(16, 4, rng) for _ in range(policy_interval)]
     before = dict(model=copy.deepcopy(model), model_target=copy.deepcopy(model_target), critic=copy.deepcopy(critic),
                   critic_target=copy.deepcopy(critic_target))
     optimizer, scheduler, critic_optimizer = optimisers(model, critic)
-    stats = odt_td3.update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer,
-                           batches, 0.7, args)
+    stats = odt_td3.td3_update(model, model_target, critic, critic_target, optimizer, scheduler, critic_optimizer,
+                               batches, **{**HYPER, "alpha": 0.7, "tau": tau, "grad_clip": grad_clip})
     after = dict(model=model, model_target=model_target, critic=critic, critic_target=critic_target,
                  optimizer=optimizer, critic_optimizer=critic_optimizer)
-    return before, after, batches, stats, args
+    return before, after, batches, stats
 
 
 def test_update_critic_steps_use_target_networks_and_fresh_gradients():
     """TD3 Alg. 1: each of the `policy_interval` critic steps minimises L_Q of its own batch against targets from
     the TARGET actor and TARGET critic, from zeroed gradients: replaying those AdamW steps by hand gives the same
     critic and the same mean critic-loss statistic."""
-    before, after, batches, stats, args = run_update(policy_interval=2)
+    before, after, batches, stats = run_update(policy_interval=2)
     critic = copy.deepcopy(before["critic"])
     opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
     losses = []
     for batch in batches:
-        loss, _ = odt_td3.critic_loss(critic, before["critic_target"], before["model_target"], batch, args)
+        loss = hand_critic_loss(critic, before["critic_target"], before["model_target"], batch, 0.9)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -296,20 +337,21 @@ def test_update_critic_steps_use_target_networks_and_fresh_gradients():
         torch.testing.assert_close(p, q)
     assert stats["train/critic_loss"].item() == pytest.approx(np.mean(losses), rel=1e-5)
     # the online actor would give other targets (so the check above sees which actor computed them)
-    online = odt_td3.critic_loss(before["critic"], before["critic_target"], before["model"], batches[0], args)[0]
-    target = odt_td3.critic_loss(before["critic"], before["critic_target"], before["model_target"], batches[0],
-                                 args)[0]
+    online = hand_critic_loss(before["critic"], before["critic_target"], before["model"], batches[0], 0.9)
+    target = hand_critic_loss(before["critic"], before["critic_target"], before["model_target"], batches[0], 0.9)
     assert abs(online.item() - target.item()) > 1e-4
 
 
 def test_update_actor_step_uses_updated_online_critic_and_last_batch():
     """The actor loss is computed after the critic steps with the ONLINE critic's Q1 (not the target) on the
     latest batch (TD3 Alg. 1, delayed policy update)."""
-    before, after, batches, stats, args = run_update(policy_interval=2)
-    expected = odt_td3.actor_loss(before["model"], after["critic"], batches[-1], 0.7, args)[0]
-    torch.testing.assert_close(stats["train/actor_loss"], expected)
-    with_target = odt_td3.actor_loss(before["model"], after["critic_target"], batches[-1], 0.7, args)[0]
-    assert abs(with_target.item() - expected.item()) > 1e-4
+    before, after, batches, stats = run_update(policy_interval=2)
+    expected = hand_actor_loss(before["model"], after["critic"], batches[-1], 0.7)[0]
+    torch.testing.assert_close(stats["train/actor_loss"], expected.detach())
+    for other in (hand_actor_loss(before["model"], after["critic_target"], batches[-1], 0.7)[0],
+                  hand_actor_loss(before["model"], after["critic"], batches[0], 0.7)[0],
+                  hand_actor_loss(before["model"], before["critic"], batches[-1], 0.7)[0]):
+        assert abs(other.item() - expected.item()) > 1e-5
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.05])
@@ -317,7 +359,7 @@ def test_update_polyak_moves_both_targets_towards_the_new_online_networks(tau):
     """θ' ← τ·θ + (1 − τ)·θ' for the actor target and the critic target, after the actor step, with the τ given
     (TD3 Alg. 1): the targets move a fraction τ towards the UPDATED online networks, which stay where their
     optimisers put them."""
-    before, after, _, _, _ = run_update(tau=tau)
+    before, after, _, _ = run_update(tau=tau)
     for name, online in (("model_target", "model"), ("critic_target", "critic")):
         for b, t, s in zip(before[name].parameters(), after[name].parameters(), after[online].parameters(),
                            strict=True):
@@ -330,7 +372,7 @@ def test_update_polyak_moves_both_targets_towards_the_new_online_networks(tau):
 @pytest.mark.parametrize("policy_interval", [1, 2, 3])
 def test_update_counts_policy_interval_critic_steps_per_actor_step(policy_interval):
     """Delayed policy update (TD3 §5.2): `policy_interval` critic steps, one actor step, one LR-schedule step."""
-    _, after, _, _, _ = run_update(policy_interval=policy_interval)
+    _, after, _, _ = run_update(policy_interval=policy_interval)
     assert after["critic_optimizer"].state[next(after["critic"].parameters())]["step"] == policy_interval
     assert [g["step"] for g in after["optimizer"].param_groups] == [1, 1]
 
@@ -339,9 +381,9 @@ def test_update_counts_policy_interval_critic_steps_per_actor_step(policy_interv
 def test_actor_gradient_is_clipped_to_grad_clip_global_norm(grad_clip):
     """--grad-clip: the actor's gradient is rescaled to global norm ≤ grad_clip before the LAMB step (ODT App. C,
     0.25); a large clip leaves it alone."""
-    before, after, batches, _, args = run_update(grad_clip=grad_clip)
+    before, after, batches, _ = run_update(grad_clip=grad_clip)
     model = before["model"]
-    odt_td3.actor_loss(model, after["critic"], batches[-1], 0.7, args)[0].backward()
+    hand_actor_loss(model, after["critic"], batches[-1], 0.7)[0].backward()
     raw = [p.grad for p in model.parameters()]
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw])).item()
     assert norm > 0.01
@@ -356,10 +398,8 @@ def test_update_trains_the_actor_in_training_mode():
     model = odt_td3.DecisionTransformer(2, 1, 16, 1, 2, 0.1, 1000, False).eval()
     model_target = copy.deepcopy(model).requires_grad_(False).eval()
     critic = odt_td3.Critic(2, 1, 16, False)
-    optimizer, scheduler, critic_optimizer = optimisers(model, critic)
     batch = replay_of([ep(0.0, [1.0, 2.0, 3.0], True)]).sample(8, 3, np.random.default_rng(0))
-    odt_td3.update(model, model_target, critic, copy.deepcopy(critic), optimizer, scheduler, critic_optimizer,
-                   [batch], 0.1, args_for())
+    td3_step(model, model_target, critic, copy.deepcopy(critic), [batch])
     assert model.training and not model_target.training
 
 
@@ -486,12 +526,17 @@ def test_trainer_optimisers_and_targets(trainer):
 
 
 def test_checkpoint_holds_each_network_under_its_own_name(trainer):
-    """The checkpoint resumes everything (docs): actor, critic, both targets, both optimisers, replay, counters;
-    each under its own key, and loading puts each back where it came from."""
+    """The checkpoint resumes everything (docs): actor, critic, both targets, both optimisers, the LR schedule, the
+    replay, the loop's counters, the statistics meter and the RNG states; each under its own key, and loading puts
+    each back where it came from (the window sampler continues the same stream)."""
     for i, net in enumerate((trainer.model, trainer.model_target, trainer.critic, trainer.critic_target)):
         perturb(net, seed=10 + i)
     trainer.train_step(trainer.replay, 0.5)
     state = copy.deepcopy(trainer.state_dict())
+    assert set(state) == {"model", "model_target", "critic", "critic_target", "optimizer", "critic_optimizer",
+                          "scheduler", "replay", "counters", "meter", "rng"}
+    next_windows = copy.deepcopy(trainer.rng).random(5)
+    trainer.rng.random(7)  # the sampler moves on after the checkpoint
     pairs = dict(model=trainer.model, model_target=trainer.model_target, critic=trainer.critic,
                  critic_target=trainer.critic_target)
     for key, net in pairs.items():
@@ -506,47 +551,83 @@ def test_checkpoint_holds_each_network_under_its_own_name(trainer):
             assert torch.equal(state[key][name], value), key
     assert [float(t["rewards"].sum()) for t in trainer.replay.trajectories] == pytest.approx([0.3, 0.7, 0.9])
     assert trainer.critic_optimizer.state_dict()["state"][0]["step"] == state["critic_optimizer"]["state"][0]["step"]
+    assert np.array_equal(trainer.rng.random(5), next_windows)
 
 
 @pytest.mark.parametrize("policy_interval", [2, 3])
-def test_train_step_samples_policy_interval_fresh_batches(trainer, monkeypatch, policy_interval):
-    """One update (--pretrain-updates, --updates-per-round) = `policy_interval` critic steps on fresh batches,
-    then one actor step; the alpha of the phase is passed through."""
+def test_train_step_samples_policy_interval_fresh_batches_and_passes_every_flag(trainer, monkeypatch,
+                                                                                 policy_interval):
+    """One update (--pretrain-updates, --updates-per-round) = `policy_interval` critic steps on fresh batches of
+    --batch-size windows of --context-len steps, then one actor step; the Trainer's networks and optimisers, the
+    phase's α and each TD3 flag reach td3_update under their own names."""
     seen = {}
 
-    def fake_update(*a, batches, alpha, args, **kw):
-        seen.update(n=len(batches), alpha=alpha, distinct=len({id(b) for b in batches}))
+    def fake_update(*nets_and_optimisers, **hyper):
+        *objects, batches = nets_and_optimisers
+        seen.update(objects=objects, hyper=hyper, n=len(batches), distinct=len({id(b) for b in batches}),
+                    shape=tuple(batches[0]["valid"].shape))
         return {"x": torch.tensor(0.0)}
 
-    monkeypatch.setattr(odt_td3, "update", fake_update)
-    trainer.args.policy_interval = policy_interval
+    monkeypatch.setattr(odt_td3, "td3_update", fake_update)
+    a, odd = trainer.args, policy_interval == 3
+    a.policy_interval, a.batch_size, a.context_len = policy_interval, 5, 2
+    flags = dict(supervised_coef=0.6, q_normalize=odd, gamma=0.91, tau=0.02, policy_noise=0.3, noise_clip=0.4,
+                 grad_clip=0.7, bf16_targets=not odd)
+    for key, value in flags.items():
+        setattr(a, key, value)
     trainer.train_step(trainer.offline, 0.125)
-    assert seen == dict(n=policy_interval, alpha=0.125, distinct=policy_interval)
+    assert seen["hyper"] == dict(alpha=0.125, **flags)
+    t = trainer
+    expected = [t.model, t.model_target, t.critic, t.critic_target, t.optimizer, t.scheduler, t.critic_optimizer]
+    assert len(seen["objects"]) == len(expected) and all(x is y for x, y in zip(seen["objects"], expected, strict=True))
+    assert seen["n"] == seen["distinct"] == policy_interval and seen["shape"] == (5, 2)
     assert trainer.counters["updates"] == 1
+
+
+EVAL = {"eval/return_mean": 0.0, "eval/return_std": 0.0, "eval/normalized_score_mean": 0.0,
+        "eval/normalized_score_std": 0.0}
 
 
 def test_pretraining_and_finetuning_use_their_own_data_and_alpha(trainer, monkeypatch):
     """Alg. 1: pretraining updates on all offline data with α_pretrain, finetuning on the online replay with
-    α_online; each round adds its rollouts first and then runs `updates_per_round` updates."""
+    α_online; each round adds its rollout to the online FIFO replay (never the offline data) and then runs
+    `updates_per_round` updates."""
     calls = []
 
     def train_step(source, alpha):
-        calls.append((source, alpha))
+        calls.append((source, alpha, len(source), source.next_slot))
         trainer.counters["updates"] += 1
 
     trainer.train_step = train_step
     args = trainer.args
     args.pretrain_updates, args.online_steps, args.updates_per_round, args.min_steps_per_round = 2, 2, 3, 0
-    monkeypatch.setattr(odt_td3, "evaluate", lambda *a, **k: {"eval/return_mean": 0.0, "eval/return_std": 0.0,
-                                                               "eval/normalized_score_mean": 0.0,
-                                                               "eval/normalized_score_std": 0.0})
-    stop = SimpleNamespace(requested=False)
-    trainer.pretrain(stop)
-    assert calls == [(trainer.offline, 0.25)] * 2
-    calls.clear()
-    trainer.finetune(stop)
-    assert calls == [(trainer.replay, 0.75)] * 6  # two one-step rounds of three updates
-    assert trainer.counters["env_steps"] == 2 and trainer.counters["rounds"] == 2 and len(trainer.replay) == 3
+    monkeypatch.setattr(odt_td3, "evaluate", lambda *a, **k: EVAL)
+    odt_td3.train(trainer, SimpleNamespace(requested=False))
+    assert calls[:2] == [(trainer.offline, 0.25, 6, 0)] * 2
+    assert calls[2:] == [(trainer.replay, 0.75, 3, 1)] * 3 + [(trainer.replay, 0.75, 3, 2)] * 3  # FIFO slots 0, 1
+    assert trainer.counters["env_steps"] == 2 and trainer.counters["rounds"] == 2 and len(trainer.offline) == 6
+
+
+def test_a_stop_mid_round_resumes_the_rest_of_that_round(trainer, monkeypatch):
+    """A stop request between two updates leaves the round's remaining updates in the counters (the checkpoint's
+    loop position): the loop continues them without a new rollout, then goes on with the next round."""
+    stop, steps, evaluated = SimpleNamespace(requested=False), [], []
+
+    def train_step(source, alpha):
+        steps.append(trainer.counters["rounds"])
+        trainer.counters["updates"] += 1
+        stop.requested = len(steps) == 2
+
+    trainer.train_step = train_step
+    args = trainer.args
+    args.pretrain_updates, args.online_steps, args.updates_per_round, args.min_steps_per_round = 0, 2, 3, 0
+    monkeypatch.setattr(odt_td3, "evaluate", lambda *a, **k: evaluated.append(trainer.counters["env_steps"]) or EVAL)
+    odt_td3.train(trainer, stop)
+    assert steps == [1, 1] and trainer.counters["round_updates_left"] == 1 and evaluated == [0]
+    stop.requested = False
+    odt_td3.train(trainer, stop)
+    assert steps == [1, 1, 1, 2, 2, 2] and trainer.counters["rounds"] == 2 and trainer.counters["env_steps"] == 2
+    assert evaluated == [0, 2]  # the pretrained policy once, then after the last round
 
 
 def test_evaluation_is_deterministic_on_g_eval_with_fixed_seeds(trainer, monkeypatch):
@@ -565,10 +646,10 @@ def test_evaluation_is_deterministic_on_g_eval_with_fixed_seeds(trainer, monkeyp
     assert seen["seeds"] == odt_td3.eval_seeds(3, 2)
 
 
-def test_collect_round_explores_on_g_online_with_fresh_seeds_until_min_steps(trainer, monkeypatch):
+def test_explore_on_g_online_with_fresh_seeds_until_min_steps(trainer, monkeypatch):
     """Online rollouts add N(0, σ_explore²) to the action and condition on g_online; each episode of each round
     resets with its own seed online_episode_seed(seed, round, index); a round collects whole episodes until it
-    has ≥ min_steps_per_round new steps (paper App. H); every episode enters the replay."""
+    has ≥ min_steps_per_round new steps (paper App. H) and counts them."""
     seen = []
 
     def fake_rollout(envs, agent, seeds, record=False, max_steps=None):
@@ -580,21 +661,22 @@ def test_collect_round_explores_on_g_online_with_fresh_seeds_until_min_steps(tra
     trainer.args.g_eval, trainer.args.g_online, trainer.args.rtg_scale = 0.5, 2.0, 0.1
     trainer.args.min_steps_per_round, trainer.args.updates_per_round = 10, 7
     trainer.replay.capacity = 10
-    assert trainer.collect_round() == 10
-    assert trainer.collect_round() == 10
+    assert [len(e.rewards) for e in trainer.explore()] == [5, 5]
+    assert [len(e.rewards) for e in trainer.explore()] == [5, 5]
     assert [s["seeds"][0] for s in seen] == [odt_td3.online_episode_seed(3, r, i) for r in (0, 1) for i in (0, 1)]
     assert all(s["noise"] == 0.3 and s["target"] == pytest.approx(0.2) for s in seen)
     c = trainer.counters
-    assert (c["env_steps"], c["rounds"], c["round_updates_left"], len(trainer.replay)) == (20, 2, 7, 7)
+    assert (c["env_steps"], c["rounds"], c["round_updates_left"], len(trainer.replay)) == (20, 2, 0, 3)
+    assert c["round"]["rollout/return"] == 5.0 and c["round"]["rollout/length"] == 5.0
 
 
 def test_end_round_evaluates_every_eval_interval_env_steps_and_after_the_last_round(trainer, monkeypatch):
     """Evaluations are due every --eval-interval ONLINE ENV STEPS (not updates) and after the last round."""
     calls = []
     monkeypatch.setattr(trainer, "evaluate", lambda: calls.append(trainer.counters["env_steps"]) or {})
-    monkeypatch.setattr(trainer, "log_row", lambda extra: None)
+    monkeypatch.setattr(trainer, "log_row", lambda extra, checkpoint=False: None)
     trainer.args.online_steps = 10
-    trainer.evaluations = odt_td3.Interval(4, start=0)
+    trainer.evaluations = odt_td3.run.Interval(4, start=0)
     trainer.counters["round"] = {}
     for env_steps, updates in ((2, 100), (3, 200), (5, 300), (7, 400), (8, 500), (10, 600)):
         trainer.counters["env_steps"], trainer.counters["updates"] = env_steps, updates
@@ -765,7 +847,7 @@ def test_policy_interval_and_tau_ranges(flags, ok):
     if ok:
         odt_td3.apply_dataset_defaults(odt_td3.Args(**flags), data)
     else:
-        with pytest.raises(odt_td3.UserError, match="policy-interval"):
+        with pytest.raises(odt_td3.run.UserError, match="policy-interval"):
             odt_td3.apply_dataset_defaults(odt_td3.Args(**flags), data)
 
 

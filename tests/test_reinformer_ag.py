@@ -62,8 +62,7 @@ def test_max_return_loss_and_nll_hand_computation():
              "actions": torch.tensor([[[0.5], [0.0], [0.0]]]), "timesteps": torch.zeros(1, 3, dtype=torch.long),
              "valid": torch.tensor([[True, True, False]])}
     model = FixedModel(torch.tensor([[2.0, 2.0, 50.0]]), torch.tensor([[[0.0], [0.0], [9.0]]]), [0.0])
-    args = rf.Args(target_entropy=-1.0)
-    loss, t_loss, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, args)
+    loss, t_loss, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, rf.Args().expectile, -1.0)
     # mean|R| = 2 → u = (−0.5, +0.5); L = mean(0.01·0.25, 0.99·0.25) = 0.125
     assert stats["train/rtg_loss"].item() == pytest.approx(0.125, rel=1e-6)
     # N(0, 1): −log p(0.5) = 0.5·0.25 + 0.5·log 2π, −log p(0) = 0.5·log 2π
@@ -86,8 +85,8 @@ def test_max_return_loss_weights_underprediction_by_tau(predicted, weight):
     which a max-return predictor must push up) is weighted by τ = 0.99, u < 0 by 1 − τ. Asymmetric residuals,
     so τ ↔ 1 − τ or a flipped residual cannot pass."""
     model = FixedModel(torch.tensor([[predicted]]), torch.zeros(1, 1, 1), [0.0])
-    args = rf.Args(target_entropy=-1.0)
-    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), one_token_batch(1.0), args)
+    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), one_token_batch(1.0), rf.Args().expectile,
+                                       -1.0)
     assert stats["train/rtg_loss"].item() == pytest.approx(weight * 0.25, rel=1e-6)
 
 
@@ -99,7 +98,7 @@ def test_max_return_loss_drives_the_prediction_above_the_mean_return():
     opt = torch.optim.SGD([pred], lr=0.5)
     for _ in range(300):
         model = FixedModel(pred.expand(1, 2), torch.zeros(1, 2, 1), [0.0])
-        _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, rf.Args(target_entropy=-1.0))
+        _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, rf.Args().expectile, -1.0)
         opt.zero_grad()
         stats["train/rtg_loss"].backward()
         opt.step()
@@ -113,7 +112,7 @@ def test_log_std_clamp_and_temperature_gradient_sign():
     batch = {"rtg": torch.ones(1, 1), "states": torch.zeros(1, 1, 3), "actions": torch.zeros(1, 1, 1),
              "timesteps": torch.zeros(1, 1, dtype=torch.long), "valid": torch.ones(1, 1, dtype=torch.bool)}
     model = FixedModel(torch.ones(1, 1), torch.zeros(1, 1, 1), [0.0])
-    _, t_loss, _ = rf.reinformer_losses(model, log_t, batch, rf.Args(target_entropy=100.0))  # β far above H
+    _, t_loss, _ = rf.reinformer_losses(model, log_t, batch, 0.99, target_entropy=100.0)  # β far above H
     t_loss.backward()
     assert log_t.grad < 0  # descent raises λ when the entropy is below its bound
 
@@ -126,8 +125,8 @@ def test_iql_losses_hand_computation():
         torch.nn.init.constant_(net[-1].bias, value)
     batch = {"states": torch.zeros(2, 3), "actions": torch.zeros(2, 2), "rewards": torch.tensor([1.0, 1.0]),
              "next_states": torch.zeros(2, 3), "dones": torch.tensor([0.0, 1.0])}
-    args = rf.Args()
-    loss, stats = rf.iql_losses(critic, batch, args)
+    args = rf.Args()  # the defaults: γ = 0.99, IQL's τ = 0.7
+    loss, stats = rf.iql_losses(critic, batch, args.gamma, args.iql_expectile)
     backup = np.array([1 + 0.99 * 0.5, 1.0])  # eq. (4); no bootstrap after a terminal
     q_loss = np.mean((1 - backup) ** 2) + np.mean((2 - backup) ** 2)
     assert stats["train/critic_q_loss"].item() == pytest.approx(q_loss, rel=1e-6)
@@ -334,7 +333,7 @@ def test_defaults_table():
     assert args.rtg_scale == 0.5 and args.context_len == 1 and args.pretrain_updates == 1500  # one-step, any id
     args = rf.apply_dataset_defaults(rf.Args(), FakeData(one_step, "other", "", act_dim=1, ref_max=1.5))
     assert args.rtg_scale == pytest.approx(0.5) and args.g_eval == 1.5  # |R|·scale ≤ 1; the env's max score
-    with pytest.raises(rf.UserError, match="--g-eval"):
+    with pytest.raises(rf.run.UserError, match="--g-eval"):
         rf.apply_dataset_defaults(rf.Args(conditioning="target"), FakeData([], "other", ""))
 
 

@@ -90,17 +90,18 @@ def test_max_return_loss_both_sides_and_valid_only_normaliser():
     (the padded R = 7 excluded); R̂ = (2, 1): u = (−0.5, +1) weighted (1 − τ, τ), τ = 0.99; the mean is over the
     2 valid tokens (not 3)."""
     model = FixedModel(torch.tensor([[2.0, 1.0, -40.0]]), torch.zeros(1, 3, 2), [0.0, 0.0])
-    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), three_token_batch(),
-                                       rf.Args(target_entropy=-2.0))
+    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), three_token_batch(), rf.Args().expectile,
+                                       target_entropy=-2.0)
     expected = (0.01 * 0.25 + 0.99 * 1.0) / 2
     assert stats["train/rtg_loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_max_return_loss_uses_the_expectile_flag():
-    """The max-return τ is --expectile (not IQL's τ): τ = 0.8 weights u > 0 by 0.8 and u < 0 by 0.2."""
+def test_max_return_loss_uses_the_expectile_it_is_given():
+    """The max-return τ is the one passed (the run passes --expectile, not IQL's τ: test_train_passes_each_value...):
+    τ = 0.8 weights u > 0 by 0.8 and u < 0 by 0.2."""
     model = FixedModel(torch.tensor([[2.0, 1.0, 0.0]]), torch.zeros(1, 3, 2), [0.0, 0.0])
-    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), three_token_batch(),
-                                       rf.Args(target_entropy=-2.0, expectile=0.8, iql_expectile=0.7))
+    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), three_token_batch(), expectile=0.8,
+                                       target_entropy=-2.0)
     assert stats["train/rtg_loss"].item() == pytest.approx((0.2 * 0.25 + 0.8 * 1.0) / 2, rel=1e-6)
 
 
@@ -112,7 +113,7 @@ def test_losses_over_a_batch_of_two_rows_with_negative_returns():
              "timesteps": torch.zeros(2, 3, dtype=torch.long),
              "valid": torch.tensor([[True, True, False], [True, False, False]])}
     model = FixedModel(torch.tensor([[-1.0, 1.0, 0.0], [-5.0, 0.0, 0.0]]), torch.zeros(2, 3, 1), [0.0])
-    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, rf.Args(target_entropy=-1.0))
+    _, _, stats = rf.reinformer_losses(model, torch.tensor(math.log(0.1)), batch, rf.Args().expectile, -1.0)
     u = np.array([-1.0, 0.0, 2.0]) / 2.0  # (R − R̂)/mean|R|
     assert stats["train/rtg_loss"].item() == pytest.approx(np.mean(np.where(u < 0, 0.01, 0.99) * u ** 2), rel=1e-6)
     assert stats["train/nll"].item() == pytest.approx(np.mean(0.5 * np.array([1.0, 0.0, 4.0])) + HALF_LOG_2PI,
@@ -127,7 +128,7 @@ def test_gaussian_nll_and_entropy_with_nonzero_log_std_two_dims():
     model = FixedModel(torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[[0.0, 0.0], [0.2, 0.5], [-9.0, 9.0]]]),
                        log_std)
     log_t = torch.tensor(math.log(0.2), requires_grad=True)
-    loss, t_loss, stats = rf.reinformer_losses(model, log_t, three_token_batch(), rf.Args(target_entropy=-2.0))
+    loss, t_loss, stats = rf.reinformer_losses(model, log_t, three_token_batch(), 0.99, target_entropy=-2.0)
     sig = np.exp(log_std)
     actions, mu = np.array([[0.5, -0.5], [0.0, 1.0]]), np.array([[0.0, 0.0], [0.2, 0.5]])
     nll_tok = (0.5 * ((actions - mu) / sig) ** 2 + np.array(log_std) + HALF_LOG_2PI).sum(-1)
@@ -146,10 +147,10 @@ def test_gaussian_nll_and_entropy_with_nonzero_log_std_two_dims():
 
 
 def test_temperature_loss_gradient_reaches_only_log_lambda():
-    """ODT eq. (6) dual step: ∂/∂log λ of λ·(H − β) = λ·(H − β); H is detached, so log σ gets nothing from it."""
+    """ODT eq. (7) dual step: ∂/∂log λ of λ·(H − β) = λ·(H − β); H is detached, so log σ gets nothing from it."""
     model = FixedModel(torch.tensor([[1.0, 3.0, 0.0]]), torch.zeros(1, 3, 2), [0.3, 0.3])
     log_t = torch.tensor(math.log(0.5), requires_grad=True)
-    _, t_loss, stats = rf.reinformer_losses(model, log_t, three_token_batch(), rf.Args(target_entropy=1.0))
+    _, t_loss, stats = rf.reinformer_losses(model, log_t, three_token_batch(), 0.99, target_entropy=1.0)
     t_loss.backward()
     assert model.log_std.grad is None
     assert log_t.grad.item() == pytest.approx(0.5 * (stats["train/entropy"].item() - 1.0), rel=1e-6)
@@ -188,10 +189,9 @@ def critic_batch():
 
 def test_iql_losses_by_hand_with_distinct_networks():
     """Eq. (4): Q target r + γ(1 − done)·V(s') with V at the NEXT state; eq. (5): L2^τ(min(Q1', Q2')(s, a) − V(s))
-    with the TARGET Qs and τ = --iql-expectile on the side where Q' > V. Both online Qs regress on the target."""
+    with the TARGET Qs and IQL's τ on the side where Q' > V. Both online Qs regress on the target."""
     critic, b = linear_critic(), critic_batch()
-    args = rf.Args(gamma=0.9, iql_expectile=0.7, expectile=0.99)
-    loss, stats = rf.iql_losses(critic, b, args)
+    loss, stats = rf.iql_losses(critic, b, gamma=0.9, expectile=0.7)
     s, a, r, s2, d = (b[k].numpy() for k in ("states", "actions", "rewards", "next_states", "dones"))
     v_s, v_s2 = s[:, 0] + 0.5, s2[:, 0] + 0.5
     backup = r + 0.9 * (1 - d) * v_s2
@@ -211,7 +211,7 @@ def test_iql_value_expectile_lower_side_and_gradients():
     critic, b = linear_critic(), critic_batch()
     with torch.no_grad():
         critic.v.bias.fill_(6.0)  # V(s) = s0 + 6 > Q'(s, a) everywhere
-    loss, stats = rf.iql_losses(critic, b, rf.Args(gamma=0.9, iql_expectile=0.7))
+    loss, stats = rf.iql_losses(critic, b, gamma=0.9, expectile=0.7)
     s, a = b["states"].numpy(), b["actions"].numpy()
     u = np.minimum(3.0 + s[:, 0] + a[:, 0], 4.0 - s[:, 0]) - (s[:, 0] + 6.0)
     assert (u < 0).all()
@@ -298,34 +298,50 @@ class RecordingData:
         return self.inner.sample_transitions(batch_size, rng)
 
 
-def test_update_honours_critic_updates_sizes_and_polyak_per_critic_step():
+def test_update_honours_critic_updates_sizes_and_polyak_per_critic_step(monkeypatch, tmp_path):
     """AG Alg. 1 training: one Reinformer step on B windows of length K (not the evaluation length), one warm-up
     scheduler step, one dual step on log λ (Adam's first step: −lr·sign(λ(H − β)) with H > β), then
     --critic-updates IQL steps on --critic-batch-size transitions, each followed by one Polyak step of ρ."""
-    torch.manual_seed(0)
     eps = [make_episode([1.0, 0.5, 2.0, 1.0, 0.0]), make_episode([0.3, 0.2, 0.1], start=5.0)]
-    args = rf.Args(embed_dim=16, n_layers=1, n_heads=2, dropout=0.0, batch_size=4, context_len=2,
-                   eval_context_len=3, critic_batch_size=6, critic_updates=3, polyak=0.25, target_entropy=-2.0,
-                   learning_rate=1e-3, warmup_steps=4, critic_hidden=8)
-    model = rf.Reinformer(3, 2, 16, 1, 2, 0.0, 10, False)
-    critic = rf.IQLCritic(3, 2, 8)
+    trainer = make_trainer(monkeypatch, tmp_path, eps, seed=0, dropout=0.0, batch_size=4, context_len=2,
+                           eval_context_len=3, critic_batch_size=6, critic_updates=3, polyak=0.25, learning_rate=1e-3,
+                           warmup_steps=4, temperature_lr=1e-4, pretrain_updates=1)
+    monkeypatch.setattr(rf.Trainer, "evaluate", lambda self: {"eval_rf/return_mean": 0.0, "eval/return_mean": 0.0})
+    monkeypatch.setattr(rf.run, "save_checkpoint", lambda run_dir, state: None)
+    critic = trainer.critic
     with torch.no_grad():
         for p in critic.q1_target.parameters():
             p.add_(1.0)  # target − online = 1 everywhere before the update
-    optimizer = rf.Lamb(rf.lamb_param_groups(model, 0.0), lr=1e-3)
-    log_t = torch.tensor(math.log(0.1), requires_grad=True)
-    t_opt = torch.optim.Adam([log_t], lr=1e-4)
-    c_opt = torch.optim.SGD(critic.parameters(), lr=0.0)  # critic weights stay put: only Polyak moves targets
-    data = RecordingData(rf.OfflineDataset(FakeData(eps), 1.0, 10, CPU))
-    rf.update(model, optimizer, rf.warmup_schedule(optimizer, 4), log_t, t_opt, critic, c_opt, data,
-              np.random.default_rng(0), args)
+    trainer.critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)  # only Polyak moves the targets
+    data = trainer.offline = RecordingData(trainer.offline)
+    trainer.train(type("Stop", (), {"requested": False})())
     assert data.windows == [(4, 2)]
     assert data.transitions == [6, 6, 6]
     gap = [(pt - p).abs().max().item() for pt, p in zip(critic.q1_target.parameters(), critic.q1.parameters(),
                                                           strict=True)]
     assert gap == pytest.approx([0.75 ** 3] * len(gap), rel=1e-5)  # three Polyak steps of ρ = 0.25
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # warm-up step 2 of 4
-    assert log_t.item() == pytest.approx(math.log(0.1) - 1e-4, abs=1e-7)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # warm-up step 2 of 4
+    assert trainer.log_temperature.item() == pytest.approx(math.log(0.1) - 1e-4, abs=1e-7)
+    trainer.logger.close()
+
+
+def test_train_passes_each_value_to_its_update(monkeypatch, tmp_path):
+    """The loop hands each update the flag it reads: Reinformer --expectile (not IQL's τ), β and --grad-clip;
+    IQL γ, --iql-expectile (not the max-return τ) and ρ, on the batches drawn for each."""
+    calls = []
+    monkeypatch.setattr(rf, "reinformer_update", lambda *a, **kw: calls.append(("rf", a[5]["rtg"].shape, kw)) or {
+        "train/nll": torch.zeros(())})
+    monkeypatch.setattr(rf, "iql_update", lambda critic, opt, batch, **kw: calls.append(
+        ("iql", batch["rewards"].shape, kw)) or {"train/critic_q_loss": torch.zeros(())})
+    monkeypatch.setattr(rf.Trainer, "evaluate", lambda self: {"eval_rf/return_mean": 0.0, "eval/return_mean": 0.0})
+    monkeypatch.setattr(rf.run, "save_checkpoint", lambda run_dir, state: None)
+    trainer = make_trainer(monkeypatch, tmp_path, seed=1, pretrain_updates=1, batch_size=3, critic_batch_size=5,
+                           critic_updates=2, expectile=0.95, iql_expectile=0.6, gamma=0.8, polyak=0.3, grad_clip=0.7,
+                           target_entropy=-1.5)
+    trainer.train(type("Stop", (), {"requested": False})())
+    iql = ("iql", (5,), dict(gamma=0.8, expectile=0.6, polyak=0.3))
+    assert calls == [("rf", (3, 2), dict(expectile=0.95, target_entropy=-1.5, grad_clip=0.7)), iql, iql]
+    trainer.logger.close()
 
 
 def test_warmup_schedule_linear_from_the_first_step():
@@ -556,7 +572,8 @@ def test_eval_only_takes_the_model_fields_from_the_run_and_the_rest_from_the_cli
                     context_len=7, separate_networks=True, rtg_scale=0.004, critic_hidden=64, dropout=0.2)
     cli = rf.Args(eval_only=str(run), seed=3, eval_episodes=4, ag_method="adam", ag_steps=2, ag_lr=0.02,
                   adaptive_context=True, conditioning="target")
-    args, model_path = rf.load_trained_run(cli)
+    model_path = rf.run.read_finished_run(run, "reinformer_ag.py", rf.MODEL_FIELDS, cli)
+    args = cli
     assert model_path == run / "model.pt"
     assert (args.env_id, args.embed_dim, args.n_layers, args.n_heads, args.context_len) == (
         "walker2d-medium-v2", 48, 3, 4, 7)
@@ -568,8 +585,8 @@ def test_eval_only_takes_the_model_fields_from_the_run_and_the_rest_from_the_cli
 def test_eval_only_sweeps_the_grid_of_n_and_eta(monkeypatch, tmp_path):
     """AG §5 / docs: --eval-only evaluates (0, 0) (plain RF) and then every (n, η) of --sweep-ag-steps ×
     --sweep-ag-lr, in that order, passing each to the evaluation, and each row reports RF+AG (`eval/`); empty lists
-    fall back to --ag-steps / --ag-lr."""
-    calls = []
+    fall back to --ag-steps / --ag-lr. It loads both networks from model.pt: AG needs the trained critic."""
+    calls, loaded = [], []
     data = FakeData([], mean=np.zeros(3), std=np.ones(3))
 
     def fake_evaluate_both(model, critic, args, data, envs, device, max_ep_len, *, ag_steps, ag_lr):
@@ -579,17 +596,19 @@ def test_eval_only_sweeps_the_grid_of_n_and_eta(monkeypatch, tmp_path):
                 "eval_rf/return_mean": -1.0, "eval_rf/return_std": 0.0, "eval_rf/normalized_score_mean": 0.0,
                 "eval_rf/env_steps_per_second": 1.0}
 
-    monkeypatch.setattr(rf, "load_trained_run", lambda args: (args, tmp_path / "model.pt"))
+    monkeypatch.setattr(rf.run, "read_finished_run", lambda run, script, fields, args: tmp_path / "model.pt")
     monkeypatch.setattr(rf, "set_up", lambda args: (args, data, CPU, tmp_path, None))
     monkeypatch.setattr(rf, "make_eval_envs", lambda args, data: (FakeEnvs, 50))
     monkeypatch.setattr(rf, "make_model", lambda args, data, device, max_ep_len: tiny_model())
-    monkeypatch.setattr(rf, "load_trained_model", lambda *a: None)
+    monkeypatch.setattr(rf.run, "load_states", lambda path, modules, device, context: loaded.append(
+        {k: type(m).__name__ for k, m in modules.items()}))
     monkeypatch.setattr(rf, "evaluate_both", fake_evaluate_both)
     args = rf.Args(eval_only="x", progress=False, critic_hidden=8, ag_steps=3, ag_lr=0.001,
                    sweep_ag_steps=(1, 4), sweep_ag_lr=(0.01, 0.2, 0.5))
     summary = rf.evaluate_only(args)
     grid = [(0, 0.0), (1, 0.01), (1, 0.2), (1, 0.5), (4, 0.01), (4, 0.2), (4, 0.5)]
     assert calls == grid
+    assert loaded == [{"model": "Reinformer", "critic": "IQLCritic"}]
     assert [(r["ag/steps"], r["ag/lr"], r["return_mean"]) for r in summary["rows"]] == [
         (n, eta, 10.0 * n + eta) for n, eta in grid]
     calls.clear()
@@ -635,12 +654,12 @@ def test_one_step_defaults_and_explicit_flags_win():
 
 
 # --- the run: seeds and optimiser settings --------------------------------------------------------------------------
-def make_trainer(monkeypatch, tmp_path, **kw):
+def make_trainer(monkeypatch, tmp_path, episodes=None, **kw):
     monkeypatch.setattr(rf, "make_eval_envs", lambda args, data: (FakeEnvs, 50))
-    args = rf.Args(embed_dim=16, n_layers=1, n_heads=2, batch_size=4, context_len=2, eval_context_len=2,
-                   critic_hidden=8, critic_batch_size=4, learning_rate=3e-3, warmup_steps=10, target_entropy=-2.0,
-                   rtg_scale=0.1, progress=False, **kw)
-    data = FakeData([make_episode([1.0, 0.5, 2.0]), make_episode([0.3, 0.2], start=4.0)])
+    args = rf.Args(**{**dict(embed_dim=16, n_layers=1, n_heads=2, batch_size=4, context_len=2, eval_context_len=2,
+                             critic_hidden=8, critic_batch_size=4, learning_rate=3e-3, warmup_steps=10,
+                             target_entropy=-2.0, rtg_scale=0.1, progress=False), **kw})
+    data = FakeData(episodes or [make_episode([1.0, 0.5, 2.0]), make_episode([0.3, 0.2], start=4.0)])
     tmp_path.mkdir(parents=True, exist_ok=True)
     return rf.Trainer(args, data, CPU, tmp_path, None)
 
@@ -667,7 +686,7 @@ def test_trainer_logs_evaluates_and_checkpoints_on_schedule(monkeypatch, tmp_pat
     monkeypatch.setattr(rf.Trainer, "evaluate", lambda self: evals.append(self.counters["updates"]) or {
         "eval_rf/return_mean": 1.0, "eval_rf/normalized_score_mean": 1.0, "eval/return_mean": 2.0,
         "eval/return_std": 0.0, "eval/normalized_score_mean": 2.0, "eval/normalized_score_std": 0.0})
-    monkeypatch.setattr(rf, "save_checkpoint", lambda run_dir, state: saves.append(state["counters"]["updates"]))
+    monkeypatch.setattr(rf.run, "save_checkpoint", lambda run_dir, state: saves.append(state["counters"]["updates"]))
     trainer.train(type("Stop", (), {"requested": False})())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in rows] == [1, 2, 4, 6, 7]
@@ -685,7 +704,7 @@ def test_resume_from_a_checkpoint_continues_exactly(monkeypatch, tmp_path):
     import io
 
     monkeypatch.setattr(rf.Trainer, "evaluate", lambda self: {"eval_rf/return_mean": 0.0, "eval/return_mean": 0.0})
-    monkeypatch.setattr(rf, "save_checkpoint", lambda run_dir, state: None)
+    monkeypatch.setattr(rf.run, "save_checkpoint", lambda run_dir, state: None)
     stop = type("Stop", (), {"requested": False})()
     a = make_trainer(monkeypatch, tmp_path / "a", seed=3, pretrain_updates=3, log_interval=100, critic_lr=1e-2,
                      temperature_lr=1e-1)
@@ -762,14 +781,14 @@ def test_heads_and_init(separate):
 def test_flag_ranges_allow_plain_rf_and_reject_negative_ag():
     """--ag-steps 0 is plain Reinformer (allowed), as are γ = 0 and ρ = 0; negative n or η, zero critic updates or
     batch sizes are refused before any work."""
-    rf.validate_args(rf.Args(ag_steps=0, ag_lr=0.0, gamma=0.0, polyak=0.0, critic_updates=1))
+    rf.run.validate_args(rf.Args(ag_steps=0, ag_lr=0.0, gamma=0.0, polyak=0.0, critic_updates=1), rf.VALID_MIN)
     for bad in (dict(ag_steps=-1), dict(ag_lr=-0.1), dict(critic_updates=0), dict(critic_batch_size=0),
                 dict(critic_hidden=0)):
-        with pytest.raises(rf.UserError):
-            rf.validate_args(rf.Args(**bad))
+        with pytest.raises(rf.run.UserError):
+            rf.run.validate_args(rf.Args(**bad), rf.VALID_MIN)
     data = FakeData([make_episode([1.0, 2.0])])
     for bad in (dict(ag_steps=-1), dict(ag_lr=-0.1)):
-        with pytest.raises(rf.UserError, match="--ag-steps and --ag-lr"):
+        with pytest.raises(rf.run.UserError, match="--ag-steps and --ag-lr"):
             rf.apply_dataset_defaults(rf.Args(**bad), data)
 
 
@@ -798,7 +817,7 @@ def test_model_pt_round_trip_restores_model_and_critic(tmp_path):
             p.add_(1.0)
     torch.save({"model": model.state_dict(), "critic": critic.state_dict()}, tmp_path / "model.pt")
     model2, critic2 = tiny_model(2), rf.IQLCritic(3, 2, 8)
-    rf.load_trained_model(model2, critic2, tmp_path / "model.pt", rf.Args(), CPU)
+    rf.run.load_states(tmp_path / "model.pt", {"model": model2, "critic": critic2}, CPU, "--eval-only")
     for a, b in ((model, model2), (critic, critic2)):
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             torch.testing.assert_close(pa, pb, msg=name)

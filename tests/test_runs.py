@@ -189,12 +189,13 @@ def test_typed_flags_win_over_the_preset_even_at_their_default_value(script):
             "--batch-size=256"]
     defaults = module.Args()
     assert defaults.n_layers == 4 and module.PRESETS["cpu"]["n_layers"] != 4  # the case the old rule lost
-    args = module.apply_preset(tyro.cli(module.Args, args=argv), typed_fields(argv, module.Args))
+    args = module.run.apply_preset(tyro.cli(module.Args, args=argv), typed_fields(argv, module.Args), module.PRESETS)
     assert (args.n_layers, args.eval_interval, args.batch_size) == (4, 10000, 256)
     untyped = {k: v for k, v in module.PRESETS["cpu"].items() if k not in ("n_layers", "eval_interval", "batch_size")}
     assert untyped and all(getattr(args, k) == v for k, v in untyped.items())
     # From Python (no command line), a field away from its default counts as set.
-    args = module.apply_preset(module.Args(env_id="hopper-random-v2", preset="cpu", batch_size=7), None)
+    args = module.run.apply_preset(module.Args(env_id="hopper-random-v2", preset="cpu", batch_size=7), None,
+                                   module.PRESETS)
     assert args.batch_size == 7 and args.n_layers == module.PRESETS["cpu"]["n_layers"]
 
 
@@ -243,7 +244,7 @@ def test_checkpoint_write_failing_for_lack_of_space_keeps_the_previous_one(scrip
     import torch
 
     module = importlib.import_module(script.removesuffix(".py"))
-    module.save_checkpoint(tmp_path, {"updates": 7, "w": torch.arange(1000.0)})
+    module.run.save_checkpoint(tmp_path, {"updates": 7, "w": torch.arange(1000.0)})
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
@@ -251,8 +252,8 @@ def test_checkpoint_write_failing_for_lack_of_space_keeps_the_previous_one(scrip
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(module.UserError) as err:
-        module.save_checkpoint(tmp_path, {"updates": 9, "w": torch.zeros(1000)})
+    with pytest.raises(module.run.UserError) as err:
+        module.run.save_checkpoint(tmp_path, {"updates": 9, "w": torch.zeros(1000)})
     monkeypatch.setattr(torch, "save", real_save)
     message = str(err.value)
     assert "No space left on device" in message and "untouched and loadable" in message and "--resume" in message
@@ -300,7 +301,7 @@ def test_resume_keeps_exactly_the_rows_its_checkpoint_counted(script, tmp_path):
     module = importlib.import_module(script.removesuffix(".py"))
     rows = [{"global_step": s, "i": i} for i, s in enumerate((1, 5, 9, 9, 9))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"global_st')  # cut line
-    logger = module.RunLogger(tmp_path, module.Args(), resume_step=9, resume_rows=3)
+    logger = module.run.RunLogger(tmp_path, module.Args(), resume_step=9, resume_rows=3)
     assert logger.rows == 3
     logger.log({"global_step": 10})
     logger.close()

@@ -117,7 +117,7 @@ MUTANTS = [
     mutant("shared/agent-window-one-longer", "the agent's context holds eval_context_len + 1 steps",
            *everywhere(OG, "lo = max(0, t + 1 - self.context_len)", "lo = max(0, t - self.context_len)"), tests=T),
     mutant("shared/video-ignores-truncation", "the video episode only ends on termination, not at the time limit",
-           *everywhere(ALL, "done = terminated or truncated", "done = terminated"), tests=T),
+           ("common/run.py", "done = terminated or truncated", "done = terminated"), tests=T),
     # --- LAMB and the schedule --------------------------------------------------------------------------------
     mutant("shared/lamb-groups-decay-vectors", "LAMB's decay group also takes vectors (biases, LayerNorm gains)",
            *everywhere(ALL, "return [{\"params\": [p for p in params if p.ndim >= 2], \"weight_decay\": weight_decay},",
@@ -165,9 +165,9 @@ MUTANTS = [
            *everywhere(DT, "return seed * 1_000_003 + round_ * 1000 + index", "return seed * 1_000_003 + index"),
            tests=T),
     mutant("shared/interval-ignores-start", "a resumed Interval counts from 0, not from where the run stopped",
-           *everywhere(ALL, "self.every, self.last = every, start // every", "self.every, self.last = every, 0"),
+           ("common/run.py", "self.every, self.last = every, start // every", "self.every, self.last = every, 0"),
            tests=T),
     mutant("shared/interval-fires-every-call", "Interval stays due after its first multiple",
-           *everywhere(ALL, "        self.last = n // self.every\n        return True", "        return True"),
+           ("common/run.py", "        self.last = n // self.every\n        return True", "        return True"),
            tests=T),
 ]
