@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.wrappers import TimeLimit
+from test_dt_grpo import batch_kw, loss_kw, roll_kw, update_kw  # the call sites' keyword sets, shared
 
 import dt_grpo
 from conftest import episode
@@ -32,24 +33,6 @@ def grpo_args(**kw):
                 eval_context_len=2, rtg_scale=1e-3, g_online=3600.0, entropy_coef=0.0, target_entropy=-3.0)
     args.update(kw)
     return dt_grpo.Args(**args)
-
-
-def loss_kw(args):
-    """grpo_losses' coefficients, read from the flags as Trainer.grpo_step reads them."""
-    return dict(ratio=args.ratio, clip_eps=args.clip_eps, max_log_ratio=args.max_log_ratio,
-                entropy_coef=args.entropy_coef, kl_coef=args.kl_coef, target_entropy=args.target_entropy)
-
-
-def update_kw(args):
-    return dict(loss_kw(args), grad_clip=args.grad_clip, dropout=args.online_dropout)
-
-
-def batch_kw(args):
-    return dict(group_size=args.group_size, adv_eps=args.adv_eps, relabel=args.relabel, rtg_scale=args.rtg_scale)
-
-
-def roll_kw(args):
-    return dict(group_size=args.group_size, sub_len=args.sub_len, cont_len=args.cont_len, relabel=args.relabel)
 
 
 def window_agent(model, n, args, mean=0.0, std=1.0):
