@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_reinformer_ag import FixedModel  # fixed R̂ and action mean: the losses by hand
 
 import reinformer_ag as rf
 from common.datasets import Episode
@@ -48,20 +49,6 @@ def make_episode(rewards, obs_dim=3, act_dim=2, start=0.0, truncated=False) -> E
                    terminals=np.zeros(n, bool) if truncated else last,
                    truncations=last if truncated else np.zeros(n, bool),
                    next_observations=obs + 1)
-
-
-class FixedModel(torch.nn.Module):
-    """Fixed R̂ and action mean, a learnable log-std: the losses can be computed by hand."""
-
-    def __init__(self, rtg_pred, mu, log_std):
-        super().__init__()
-        self.rtg_pred, self.mu = rtg_pred, mu
-        self.log_std = torch.nn.Parameter(torch.tensor(log_std))
-
-    def forward(self, *args):
-        return self.rtg_pred, self.mu
-
-    clamped_log_std = rf.Reinformer.clamped_log_std
 
 
 class Fn(torch.nn.Module):
