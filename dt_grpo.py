@@ -96,8 +96,7 @@ class Args:
     progress: bool = True
     """show progress bars"""
     preset: Literal["paper", "cpu"] = "paper"
-    """paper: the paper's model and budgets; cpu: a CPU-scale protocol (small model, short budgets; values
-    printed at start-up, see PRESETS) for every flag left at its default"""
+    """paper: the paper's model and budgets; cpu: the CPU-scale protocol (PRESETS, printed) for each flag not typed"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """transformer forward/backward and rollouts under bf16 autocast, or fp32; auto: bf16 where the hardware
     has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
@@ -268,14 +267,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     table["g_online"] = args.g_eval if args.g_eval is not None else table.get("g_eval")
     table.setdefault("clip_eps", CLIP_EPS[args.ratio])
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
-    filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
-    for key, value in filled.items():
-        setattr(args, key, value)
-    run.print_defaults(data, filled)  # the applied values (none on --resume: config.json holds every value)
-    missing = [key for key in ("g_eval", "g_online") if getattr(args, key) is None]
-    if missing:
-        raise run.UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', no "
-                            f"reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+    run.fill_defaults(args, table, data, required=("g_eval", "g_online"))  # prints what it filled
     return args
 
 
@@ -1040,8 +1032,7 @@ def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = run.pick_device(args.cuda, typed)
-    args.precision = run.resolve_precision(args.precision, device)
+    device, args.precision = run.pick_device(args.cuda, args.precision, typed)
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
     run.validate_args(args, VALID_MIN)  # the GRPO settings too, now that their defaults are in
@@ -1105,12 +1096,10 @@ class Trainer:
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                    self.counters.get("metrics_rows"))
+        self.logger = run.RunLogger(run_dir, args, self.counters if self.resumed else None)
         self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
         self.evaluations = run.Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final, self.final_at = {}, -1  # the latest evaluation's metrics and the update it was taken at
-        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
     # A checkpoint: these objects' state_dict(), log λ, π_ref, the Q-GRPO critic, the loop's position, the RNG states
     STATE = ("model", "optimizer", "scheduler", "temperature_optimizer", "online_optimizer", "meter")
@@ -1140,12 +1129,9 @@ class Trainer:
         self.counters.update(checkpoint["counters"])
         self.round_state = checkpoint["round_state"]
         run.restore_rng_state(self.rng, checkpoint["rng"])
-        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
-              f"env step {self.counters['env_steps']}")
 
     def save_checkpoint(self) -> None:
-        self.counters["wall_time_s"] = time.time() - self.start_time
-        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
+        self.logger.stamp(self.counters)  # the wall time and metrics rows a resume continues from
         if self.args.save_model:
             run.save_checkpoint(self.run_dir, self.state_dict())
 
@@ -1169,10 +1155,7 @@ class Trainer:
 
     def log_row(self, extra: dict, checkpoint: bool = False) -> None:
         """A metrics row (the loop's position, the mean training statistics since the last row, `extra`)."""
-        at, stats = self.counters, self.meter.pop()
-        run.check_finite(stats, at, self.run_dir)
-        self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"], **stats,
-                         **extra})
+        self.logger.log_stats(self.counters, self.meter, extra)  # stops at a non-finite statistic
         if checkpoint:
             self.save_checkpoint()
 
@@ -1259,16 +1242,16 @@ class Trainer:
         return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
-        """Final metrics row (evaluating unless no update followed the last evaluation), model.pt, summary.json."""
+        """Final metrics row (evaluating unless no update followed the last evaluation), model.pt, the
+        --capture-video episode, summary.json."""
         if self.final_at != self.counters["updates"]:  # the last round did not evaluate (or no online phase)
             self.final = self.evaluate()
         summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
-                   "wall_time_s": time.time() - self.start_time, **self.final}
+                   "wall_time_s": self.logger.wall_time(), **self.final}
         self.log_row({"phase": "final", **self.final})
-        if self.args.capture_video:
-            run.record_video(self.data.make_env, self.eval_agent(), seed=eval_seeds(self.args.seed, 1)[0],
-                             path=self.run_dir / "eval.mp4")
-        return run.finish_run(self.run_dir, self.logger, self.model if self.args.save_model else None, summary)
+        video = (self.data.make_env, self.eval_agent(), eval_seeds(self.args.seed, 1)[0])
+        return run.finish_run(self.run_dir, self.logger, summary, self.model.state_dict() if self.args.save_model
+                              else None, video if self.args.capture_video else None)
 
 
 def train(t: Trainer, stop: run.StopFlag) -> None:

@@ -92,8 +92,7 @@ class Args:
     progress: bool = True
     """show progress bars"""
     preset: Literal["paper", "cpu"] = "paper"
-    """paper: the paper's model and budgets; cpu: a CPU-scale protocol (small model, short budgets; values
-    printed at start-up, see PRESETS) for every flag left at its default"""
+    """paper: the paper's model and budgets; cpu: the CPU-scale protocol (PRESETS, printed) for each flag not typed"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """transformer forward/backward and rollouts under bf16 autocast, or fp32; auto: bf16 where the hardware
     has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
@@ -195,14 +194,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
         # Unknown family: condition on the expert return, explore with twice that (ODT paper App. D).
         table.update(g_eval=data.ref_max_score, g_online=2 * data.ref_max_score)
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (Table C.1)
-    filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
-    for key, value in filled.items():
-        setattr(args, key, value)
-    run.print_defaults(data, filled)
-    missing = [name for name in ("g_eval", "g_online") if getattr(args, name) is None]
-    if missing:
-        raise run.UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', "
-                            f"no reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+    run.fill_defaults(args, table, data, required=("g_eval", "g_online"))  # prints what it filled
     return args
 
 
@@ -620,8 +612,7 @@ def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = run.pick_device(args.cuda, typed)
-    args.precision = run.resolve_precision(args.precision, device)
+    device, args.precision = run.pick_device(args.cuda, args.precision, typed)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
@@ -666,12 +657,10 @@ class Trainer:
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                    self.counters.get("metrics_rows"))
+        self.logger = run.RunLogger(run_dir, args, self.counters if self.resumed else None)
         self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
         self.evaluations = run.Interval(args.eval_interval, start=self.counters["env_steps"])
         self.final: dict = {}  # the metrics of finetuning's latest evaluation in this process
-        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
     # What a checkpoint holds: these objects' state_dict(), plus log λ, the loop's position and the RNG states.
     STATE = ("model", "optimizer", "scheduler", "temperature_optimizer", "replay", "meter")
@@ -687,12 +676,9 @@ class Trainer:
             self.log_temperature.copy_(checkpoint["log_temperature"])
         self.counters.update(checkpoint["counters"])
         run.restore_rng_state(self.rng, checkpoint["rng"])
-        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}, "
-              f"env step {self.counters['env_steps']}")
 
     def save_checkpoint(self) -> None:
-        self.counters["wall_time_s"] = time.time() - self.start_time
-        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
+        self.logger.stamp(self.counters)  # the wall time and metrics rows a resume continues from
         if self.args.save_model:
             run.save_checkpoint(self.run_dir, self.state_dict())
 
@@ -734,16 +720,12 @@ class Trainer:
 
     def log_row(self, extra: dict, checkpoint: bool = False) -> None:
         """A metrics row (the loop's position, mean statistics since the last row, `extra`), a checkpoint if asked."""
-        at, stats = self.counters, self.meter.pop()
-        run.check_finite(stats, at, self.run_dir)
-        self.logger.log({"global_step": at["updates"], "env_steps": at["env_steps"], "rounds": at["rounds"], **stats,
-                         **extra})
+        self.logger.log_stats(self.counters, self.meter, extra)  # stops at a non-finite statistic
         if checkpoint:
             self.save_checkpoint()
 
     def log_pretraining(self) -> None:
-        """A metrics row every --log-interval updates (and after the first and the last), with a checkpoint when
-        one is due; the cost estimate after three updates (past the first calls' warm-up)."""
+        """Rows every --log-interval updates (and the first, the last), checkpoints when due; the cost estimate."""
         args, n = self.args, self.counters["updates"]
         if n == 3 and not self.resumed:
             rounds = args.online_steps / max(args.min_steps_per_round or 0, self.max_ep_len)  # ≥ 1 episode each
@@ -753,8 +735,7 @@ class Trainer:
                          checkpoint=self.checkpoints.due(n))
 
     def end_round(self) -> None:
-        """The round's metrics row, with an evaluation every --eval-interval env steps and a checkpoint when one is
-        due (both also after the last round)."""
+        """The round's row; an evaluation every --eval-interval env steps, a checkpoint when due; both at the end."""
         at, last = self.counters, self.counters["env_steps"] >= self.args.online_steps
         extra = {"phase": "online", **at["round"], "charts/updates_per_second": self.meter.updates_per_second()}
         if self.evaluations.due(at["env_steps"]) or last:
@@ -767,15 +748,14 @@ class Trainer:
         return run.stop_run(self.run_dir, self.logger, self.counters)
 
     def finish(self) -> dict:
-        """Final metrics row (evaluating unless the last round did), model.pt and summary.json."""
+        """Final metrics row (evaluating unless the last round did), model.pt, the --capture-video episode, summary."""
         final = self.final or self.evaluate()  # the last round did not evaluate (or there was no online phase)
         summary = {"run_dir": str(self.run_dir), "env_id": self.args.env_id, "counters": self.counters,
-                   "wall_time_s": time.time() - self.start_time, **final}
+                   "wall_time_s": self.logger.wall_time(), **final}
         self.log_row({"phase": "final", **final})
-        if self.args.capture_video:
-            run.record_video(self.data.make_env, self.agent(self.args.g_eval, explore=False),
-                             seed=eval_seeds(self.args.seed, 1)[0], path=self.run_dir / "eval.mp4")
-        return run.finish_run(self.run_dir, self.logger, self.model if self.args.save_model else None, summary)
+        video = (self.data.make_env, self.agent(self.args.g_eval, explore=False), eval_seeds(self.args.seed, 1)[0])
+        return run.finish_run(self.run_dir, self.logger, summary, self.model.state_dict() if self.args.save_model
+                              else None, video if self.args.capture_video else None)
 
 
 def train(t: Trainer, stop: run.StopFlag) -> None:
@@ -800,7 +780,7 @@ def train(t: Trainer, stop: run.StopFlag) -> None:
                 for episode in t.explore():  # line 4: roll out π_θ(·|s, g_online) with sampled actions
                     t.replay.add(episode)  # line 5: FIFO (the oldest leaves); RTGs relabeled by achieved rewards
                 at["round_updates_left"] = args.updates_per_round
-                bar.update(at["env_steps"] - bar.n)
+                run.advance(bar, at["env_steps"], ret=f"{at['round']['rollout/return']:.4g}")  # the rollout's return
             while at["round_updates_left"] > 0 and not stop.requested:  # line 6: I iterations of Alg. 2
                 t.train_step(t.replay)
                 at["round_updates_left"] -= 1

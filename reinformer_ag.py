@@ -90,8 +90,7 @@ class Args:
     progress: bool = True
     """show progress bars"""
     preset: Literal["paper", "cpu"] = "paper"
-    """paper: the paper's model and budgets; cpu: a CPU-scale protocol (small model, short budgets; values
-    printed at start-up, see PRESETS) for every flag left at its default"""
+    """paper: the paper's model and budgets; cpu: the CPU-scale protocol (PRESETS, printed) for each flag not typed"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """transformer forward/backward and rollouts under bf16 autocast, or fp32; auto: bf16 where the hardware
     has native bf16 (recent GPUs, AVX512-BF16 CPUs). Weights, optimiser state and losses are fp32 either way"""
@@ -228,13 +227,7 @@ def apply_dataset_defaults(args: Args, data: OfflineData) -> Args:
     table.setdefault("target_entropy", -float(data.act_dim))  # β = −dim(A) (ODT Table C.1, Reinformer)
     if data.ref_max_score is not None:
         table.setdefault("g_eval", data.ref_max_score)
-    filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
-    for key, value in filled.items():
-        setattr(args, key, value)
-    if filled:  # nothing to fill on --resume: the run's config.json holds every value
-        print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): "
-              + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                          for k, v in filled.items()))
+    run.fill_defaults(args, table, data)
     args.eval_context_len = args.eval_context_len or args.context_len  # None: the training K
     if args.conditioning == "target" and args.g_eval is None:
         raise run.UserError(f"No default target return is known for '{args.env_id}' (no reference score). "
@@ -758,8 +751,7 @@ def set_up(args: Args, typed: set[str] | None = None) -> tuple[Args, OfflineData
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = run.pick_device(args.cuda, typed)
-    args.precision = run.resolve_precision(args.precision, device)
+    device, args.precision = run.pick_device(args.cuda, args.precision, typed)
 
     data = load_dataset(args.env_id, args.dataset_path, generate_steps=args.generate_steps, progress=args.progress)
     args = apply_dataset_defaults(args, data)
@@ -803,11 +795,9 @@ class Trainer:
         self.resumed = checkpoint is not None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
-        self.logger = run.RunLogger(run_dir, args, self.counters["updates"] if self.resumed else None,
-                                    self.counters.get("metrics_rows"))
+        self.logger = run.RunLogger(run_dir, args, self.counters if self.resumed else None)
         self.checkpoints = run.Interval(args.checkpoint_interval, start=self.counters["updates"])
         self.final, self.final_at = {}, -1  # the latest evaluation in this process, and its update
-        self.start_time = time.time() - self.counters.get("wall_time_s", 0.0)  # wall time accumulates over resumes
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -828,7 +818,6 @@ class Trainer:
         self.counters.update(checkpoint["counters"])
         self.meter.load_state_dict(checkpoint["meter"])
         run.restore_rng_state(self.rng, checkpoint["rng"])
-        print(f"Resumed from {self.run_dir}/checkpoint.pt at update {self.counters['updates']}")
 
     def train(self, stop: run.StopFlag) -> None:
         """AG Alg. 1, "Training": train π_θ (Reinformer) and Q_φ (IQL) with D, one step of each per update; and its
@@ -869,14 +858,10 @@ class Trainer:
                              self.max_ep_len, ag_steps=self.args.ag_steps, ag_lr=self.args.ag_lr)
 
     def log_row(self, extra: dict) -> None:
-        stats = self.meter.pop()
-        run.check_finite(stats, self.counters, self.run_dir)
-        self.logger.log({"global_step": self.counters["updates"], "env_steps": self.counters["env_steps"],
-                         "rounds": self.counters["rounds"], **stats, **extra})
+        self.logger.log_stats(self.counters, self.meter, extra)  # stops at a non-finite statistic
 
     def save_checkpoint(self) -> None:
-        self.counters["wall_time_s"] = time.time() - self.start_time
-        self.counters["metrics_rows"] = self.logger.rows  # what a resume keeps of metrics.jsonl
+        self.logger.stamp(self.counters)  # the wall time and metrics rows a resume continues from
         if self.args.save_model:
             run.save_checkpoint(self.run_dir, self.state_dict())
 
@@ -890,14 +875,15 @@ class Trainer:
         a = self.args
         final = self.final if self.final_at == self.counters["updates"] else self.evaluate()  # resumed after it
         summary = {"run_dir": str(self.run_dir), "env_id": a.env_id, "counters": self.counters,
-                   "wall_time_s": time.time() - self.start_time, **final}
+                   "wall_time_s": self.logger.wall_time(), **final}
         self.log_row({"phase": "final", **final})
         space = self.eval_envs.single_action_space
         agent = RFAgent(self.model, self.critic, a, self.data.state_mean, self.data.state_std, self.device,
                         self.max_ep_len, space.low, space.high, a.ag_steps, a.ag_lr)
         networks = {"model": self.model.state_dict(), "critic": self.critic.state_dict()}  # --eval-only needs both
-        run.write_final(self.run_dir, self.logger, summary, networks if a.save_model else None,
-                        video=(self.data.make_env, agent, eval_seeds(a.seed, 1)[0]) if a.capture_video else None)
+        run.finish_run(self.run_dir, self.logger, summary, networks if a.save_model else None,
+                       video=(self.data.make_env, agent, eval_seeds(a.seed, 1)[0]) if a.capture_video else None,
+                       report=False)  # RF and RF+AG: the line below
         print(f"final: RF return {final['eval_rf/return_mean']:.3g}, RF+AG return {final['eval/return_mean']:.3g} ± "
               f"{final['eval/return_std']:.3g}, normalized {final['eval/normalized_score_mean']:.3g} → {self.run_dir}")
         return summary
@@ -929,7 +915,7 @@ def evaluate_only(args: Args) -> dict:
         print(f"n={steps:3d} eta={lr:<8g} {args.ag_method}: return {row['return_mean']:9.2f} ± {row['return_std']:.2f},"
               f" normalized {row['normalized_score_mean']:7.2f}, Q gain {row.get('ag_q_gain', 0.0):.4f}")
     summary = {"run_dir": str(run_dir), "evaluated": str(model_path), "env_id": args.env_id, "rows": rows}
-    return run.write_final(run_dir, logger, summary)
+    return run.finish_run(run_dir, logger, summary, report=False)  # the table above
 
 
 def main(args: Args, typed: set[str] | None = None) -> dict:

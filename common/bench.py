@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from common.datasets import Episode, OfflineData, _table_ref
+from common.run import resolve_precision
 
 TRANSFORMER = {"small": dict(embed_dim=128, n_layers=3, n_heads=1, batch_size=64, context_len=20),
                "paper": dict(embed_dim=512, n_layers=4, n_heads=4, batch_size=256, context_len=20)}
@@ -415,8 +416,7 @@ def main() -> None:
 
     precisions = {"both": ["fp32", "bf16"], "fp32": ["fp32"], "bf16": ["bf16"]}.get(opts.precision)
     if precisions is None:  # auto: as the scripts resolve it
-        resolve = getattr(module, "resolve_precision", None)
-        precisions = [resolve("auto", device) if resolve else "fp32"]
+        precisions = [resolve_precision("auto", device)]
     builder = globals()[f"bench_{opts.script}"]
     if opts.script == "dt_grpo" and "precision" not in inspect.signature(module.DecisionTransformer).parameters:
         if "bf16" in precisions:

@@ -14,6 +14,7 @@ working directory, so its run folder is `RESULTS/runs/{env_id}__{variant}__{seed
 
     seeds = [1, 2, 3, 4, 5]
     flags = "--no-progress"                       # shared by every run
+    order = "experiments"                         # optional: experiment by experiment (default: seed by seed)
     [experiments.td3]                             # experiments group variants that are compared with each other
     env_ids = ["hopper-random-v2"]
     flags = "--embed-dim 128 --online-steps 10000"
@@ -148,7 +149,8 @@ def _seeds(value, where: str) -> list[int]:
 
 def load_sweep(path: str | Path, scripts_dir: Path = REPO) -> Sweep:
     """Parse a sweep file and expand it into its grid, seeds outermost (so early seeds of every variant finish
-    first and a half-done sweep is already comparable)."""
+    first and a half-done sweep is already comparable); with `order = "experiments"`, one experiment after the
+    other, seeds outermost within each (so the first experiment reaches all its seeds, and its verdicts, first)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist. Sweep files live in benchmarks/ (e.g. "
@@ -157,10 +159,13 @@ def load_sweep(path: str | Path, scripts_dir: Path = REPO) -> Sweep:
         spec = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SweepError(f"sweep file {path} is not valid TOML: {exc}.") from exc
-    unknown = set(spec) - {"seeds", "flags", "experiments", "title", "description", "claims"}
+    unknown = set(spec) - {"seeds", "flags", "experiments", "title", "description", "claims", "order"}
     if unknown:
         raise SweepError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: seeds, flags, experiments, "
-                         f"title, description, claims.")
+                         f"title, description, claims, order.")
+    if spec.get("order", "seeds") not in ("seeds", "experiments"):
+        raise SweepError(f"{path}: order = {spec['order']!r}; allowed: \"seeds\" (every variant's seed 1 first, "
+                         f"the default) or \"experiments\" (the file's experiments one after the other).")
     experiments = spec.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
         raise SweepError(f"{path}: no [experiments.NAME] table. Each experiment needs env_ids and a "
@@ -212,7 +217,9 @@ def load_sweep(path: str | Path, scripts_dir: Path = REPO) -> Sweep:
                     runs.append((seed, Run(exp_name, variant, script, env_id, seed,
                                            tuple(top_flags + exp_flags + variant_flags))))
     order = {s: i for i, s in enumerate(dict.fromkeys(s for s, _ in runs))}
-    runs.sort(key=lambda sr: order[sr[0]])  # stable: seed first, then the file's order
+    experiment = {e: i for i, e in enumerate(experiments)} if spec.get("order") == "experiments" else {}
+    # stable: (the experiment,) then the seed, then the file's order
+    runs.sort(key=lambda sr: (experiment.get(sr[1].experiment, 0), order[sr[0]]))
     return Sweep(path, [r for _, r in runs], experiments)
 
 

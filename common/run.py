@@ -112,11 +112,15 @@ def validate_args(args, valid_min: dict[str, float]) -> None:
 
 
 class RunLogger:
-    """Appends one JSON object per log step to metrics.jsonl; mirrors to W&B with --track."""
+    """Appends one JSON object per log step to metrics.jsonl (mirrored to W&B with --track) and keeps the run's
+    wall time. `resumed`: the loop's position (`counters`) in the checkpoint a resumed run continues from."""
 
-    def __init__(self, run_dir: Path, args, resume_step: int | None, resume_rows: int | None = None):
+    def __init__(self, run_dir: Path, args, resumed: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.rows = 0  # rows in the file; the checkpoint records it, so a resume keeps exactly the rows before it
+        resumed = resumed or {}
+        self.start_time = time.time() - resumed.get("wall_time_s", 0.0)  # wall time accumulates over resumes
+        resume_step, resume_rows = resumed.get("updates"), resumed.get("metrics_rows")
         if resume_step is not None and self.path.exists():  # drop rows written after the checkpoint
             lines = [line for line in self.path.read_text().splitlines() if line]
             rows = (lines[:resume_rows] if resume_rows is not None  # a row logged after a checkpoint at its step too
@@ -138,6 +142,22 @@ class RunLogger:
         self.rows += 1
         if self.wandb is not None:
             self.wandb.log(row, step=row["global_step"])
+
+    def wall_time(self) -> float:
+        return time.time() - self.start_time
+
+    def stamp(self, counters: dict) -> None:
+        """Record in `counters` (saved by the next checkpoint) what a resume continues from: the wall time so far
+        and the number of rows in metrics.jsonl."""
+        counters.update(wall_time_s=self.wall_time(), metrics_rows=self.rows)
+
+    def log_stats(self, counters: dict, meter: StatsMeter, extra: dict) -> None:
+        """A training row: the loop's position (`counters`), the mean statistics `meter` gathered since the last row,
+        and `extra`. A non-finite statistic stops the run (check_finite) before the row is written."""
+        stats = meter.pop()
+        check_finite(stats, counters, self.path.parent)
+        self.log({"global_step": counters["updates"], "env_steps": counters["env_steps"], "rounds": counters["rounds"],
+                  **stats, **extra})
 
     def close(self) -> None:
         self.file.close()
@@ -176,6 +196,8 @@ def prepare_run(args, script: str) -> tuple[object, Path, dict | None]:
     except Exception as exc:  # truncated or corrupt file
         raise UserError(f"--resume {run_dir}: checkpoint.pt cannot be read ({exc}). Start a new run.") from exc
     (run_dir / "STOPPED").unlink(missing_ok=True)  # only once the resume goes ahead
+    at = checkpoint.get("counters", {}) if isinstance(checkpoint, dict) else {}
+    print(f"Resuming from {ckpt_path} at update {at.get('updates', 0)}, env step {at.get('env_steps', 0)}")
     return saved, run_dir, checkpoint
 
 
@@ -338,14 +360,17 @@ def typed_fields(argv: list[str], cls) -> set[str]:
     return typed
 
 
-def pick_device(cuda: bool, typed: set[str] | None) -> torch.device:
-    """The CUDA GPU when there is one and --cuda (the default) asks for it, else the CPU. A --cuda typed on a
-    machine without a GPU is told so instead of silently running on the CPU."""
+def pick_device(cuda: bool, precision: str, typed: set[str] | None) -> tuple[torch.device, str]:
+    """The CUDA GPU when there is one and --cuda (the default) asks for it, else the CPU, and the precision used on
+    it (resolve_precision). A --cuda typed on a machine without a GPU is told so instead of silently running on
+    the CPU."""
     if cuda and torch.cuda.is_available():
-        return torch.device("cuda")
-    if cuda and typed and "cuda" in typed:
-        print("--cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); running on the CPU")
-    return torch.device("cpu")
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+        if cuda and typed and "cuda" in typed:
+            print("--cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); running on the CPU")
+    return device, resolve_precision(precision, device)
 
 
 def resume_command(script: str, run_dir: Path) -> str:
@@ -417,6 +442,12 @@ def progress_bar(desc: str, done: int, total: int, unit: str, enabled: bool):
     return tqdm(total=total, initial=min(done, total), desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True)
 
 
+def advance(bar, to: int, **postfix) -> None:
+    """Move a progress bar to position `to` and show `postfix` beside it (e.g. the latest rollout's return)."""
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(to - bar.n)
+
+
 def stop_run(run_dir: Path, logger: RunLogger, counters: dict) -> dict:
     """After the stop's checkpoint: close the metrics file and leave STOPPED with the command that continues."""
     logger.close()
@@ -424,15 +455,21 @@ def stop_run(run_dir: Path, logger: RunLogger, counters: dict) -> dict:
     return {"stopped": True, "run_dir": str(run_dir)}
 
 
-def finish_run(run_dir: Path, logger: RunLogger, model: torch.nn.Module | None, summary: dict) -> dict:
-    """A finished run's files: model.pt (None: --no-save-model), then summary.json, which marks the run finished
-    (--resume refuses it, a sweep skips it); closes the metrics file and prints the final evaluation."""
-    if model is not None:
-        atomic_save(model.state_dict(), run_dir / "model.pt")
+def finish_run(run_dir: Path, logger: RunLogger, summary: dict, model_state: dict | None = None,
+               video: tuple | None = None, report: bool = True) -> dict:
+    """A finished run's files: model.pt (`model_state`; None: --no-save-model), the --capture-video episode
+    (`video` = (make_env, agent, seed)), then summary.json, which marks the run finished (--resume refuses it, a
+    sweep skips it); closes the metrics file and, with `report`, prints the final evaluation."""
+    if model_state is not None:
+        atomic_save(model_state, run_dir / "model.pt")
+    if video is not None:
+        record_video(*video, path=run_dir / "eval.mp4")
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     logger.close()
-    print(f"final: return {summary['eval/return_mean']:.3g} ± {summary['eval/return_std']:.3g}, normalized score "
-          f"{summary['eval/normalized_score_mean']:.3g} ± {summary['eval/normalized_score_std']:.3g} → {run_dir}")
+    if report:
+        print(f"final: return {summary['eval/return_mean']:.3g} ± {summary['eval/return_std']:.3g}, normalized "
+              f"score {summary['eval/normalized_score_mean']:.3g} ± {summary['eval/normalized_score_std']:.3g} → "
+              f"{run_dir}")
     return summary
 
 
@@ -464,20 +501,6 @@ def load_states(path: Path, modules: dict, device: torch.device, context: str) -
         raise UserError(f"{context}: {path} does not hold this script's networks ({exc}).") from exc
 
 
-def write_final(run_dir: Path, logger: RunLogger, summary: dict, model_state: dict | None = None,
-                video: tuple | None = None) -> dict:
-    """A finished run's files: model.pt (`model_state`, a dict of state dicts; None: not saved), the
-    --capture-video episode (`video` = (make_env, agent, seed)), then summary.json, which marks the run finished
-    (--resume refuses it, a sweep skips it); closes the metrics file."""
-    if model_state is not None:
-        atomic_save(model_state, run_dir / "model.pt")
-    if video is not None:
-        record_video(*video, path=run_dir / "eval.mp4")
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    logger.close()
-    return summary
-
-
 def open_run_folder(run_dir: Path, script: str, args, data, device: torch.device) -> None:
     """A new run's folder and config.json (the flags as resolved, the dataset, the device), and the line that
     announces the run (a resumed run keeps its folder and config)."""
@@ -487,9 +510,19 @@ def open_run_folder(run_dir: Path, script: str, args, data, device: torch.device
           f"({args.precision}), run folder {run_dir}")
 
 
-def print_defaults(data, filled: dict) -> None:
-    """The per-dataset defaults a run took (flags left unset), as the flags that would set them."""
-    if filled:  # nothing to fill on --resume: the run's config.json holds every value
+def fill_defaults(args, table: dict, data, required: tuple[str, ...] = ()) -> dict:
+    """Set every field of `args` left at None (not given on the command line) to its value in the script's
+    per-dataset `table`, print what was filled as the flags that would set it, and stop with one message when a
+    `required` target return has no value; returns what was filled (nothing on --resume: config.json holds all)."""
+    filled = {k: v for k, v in table.items() if hasattr(args, k) and getattr(args, k) is None}
+    for key, value in filled.items():
+        setattr(args, key, value)
+    if filled:
         print(f"per-dataset defaults ({data.family}-{data.dataset_kind}): " + ", ".join(
             f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
             for k, v in filled.items()))
+    missing = [key for key in required if getattr(args, key) is None]
+    if missing:
+        raise UserError(f"No default target return is known for '{args.env_id}' (family '{data.family}', no "
+                        f"reference score). Pass {' and '.join('--' + m.replace('_', '-') for m in missing)}.")
+    return filled

@@ -79,6 +79,30 @@ rf = "reinformer_ag.py"
     assert Run("e", "v", "odt.py", "mujoco/hopper/medium-v0", 3).name == "mujoco-hopper-medium-v0__v__3"
 
 
+def test_order_experiments_runs_each_experiment_to_all_its_seeds_before_the_next(tmp_path):
+    body = """
+seeds = [1, 2, 3]
+[experiments.a]
+env_ids = ["toy-vitamin-v0"]
+[experiments.a.variants]
+odt = "odt.py"
+odt_td3 = "odt_td3.py"
+[experiments.b]
+env_ids = ["toy-ag-v0"]
+seeds = [4, 1]
+[experiments.b.variants]
+rf = "reinformer_ag.py"
+"""
+    default = [r.name for r in load_sweep(write_sweep(tmp_path / "s.toml", body)).runs]
+    assert default[:3] == ["toy-vitamin-v0__odt__1", "toy-vitamin-v0__odt_td3__1", "toy-ag-v0__rf__1"]
+    by_experiment = [r.name for r in load_sweep(write_sweep(tmp_path / "e.toml", 'order = "experiments"' + body)).runs]
+    assert by_experiment == ["toy-vitamin-v0__odt__1", "toy-vitamin-v0__odt_td3__1", "toy-vitamin-v0__odt__2",
+                             "toy-vitamin-v0__odt_td3__2", "toy-vitamin-v0__odt__3", "toy-vitamin-v0__odt_td3__3",
+                             "toy-ag-v0__rf__1", "toy-ag-v0__rf__4"]  # seeds in the sweep's first-seen order
+    assert sorted(by_experiment) == sorted(default)
+    with pytest.raises(SweepError, match="order = 'variants'; allowed"):
+        load_sweep(write_sweep(tmp_path / "v.toml", 'order = "variants"\n' + body))
+
 @pytest.mark.parametrize("body, words", [
     ('seeds = [1]\n[experiments.a]\nenv_ids = ["x"]\n[experiments.a.variants]\nodt = "odt.py"\n'
      '[experiments.b]\nenv_ids = ["y"]\n[experiments.b.variants]\nodt = "odt.py"\n', "unique"),

@@ -742,7 +742,7 @@ def test_rng_state_round_trip_replays_numpy_torch_and_python_draws():
 def test_resumed_run_logger_drops_rows_written_after_the_checkpoint(tmp_path):
     args = odt.Args()
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"global_step": s}) + "\n" for s in (1, 5, 9, 12)))
-    logger = odt.run.RunLogger(tmp_path, args, resume_step=9)
+    logger = odt.run.RunLogger(tmp_path, args, {"updates": 9})
     logger.log({"global_step": 10})
     logger.close()
     steps = [json.loads(line)["global_step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -178,16 +178,100 @@ def test_resumed_logger_keeps_the_rows_up_to_the_checkpoint(tmp_path):
     for step in (1, 2, 2, 3):
         logger.log({"global_step": step})
     logger.close()
-    by_step = run.RunLogger(tmp_path, Flags(), resume_step=2)  # older checkpoints: rows up to their step
+    by_step = run.RunLogger(tmp_path, Flags(), {"updates": 2})  # older checkpoints: rows up to their step
     by_step.close()
     assert [json.loads(x)["global_step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
-    by_count = run.RunLogger(tmp_path, Flags(), resume_step=2, resume_rows=2)  # the checkpoint's row count wins
+    by_count = run.RunLogger(tmp_path, Flags(), {"updates": 2, "metrics_rows": 2})  # the checkpoint's row count wins
     assert by_count.rows == 2
     by_count.log({"global_step": 3})
     by_count.close()
     assert [json.loads(x)["global_step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert by_count.rows == 3
 
+
+
+def test_logger_carries_the_wall_time_and_row_count_across_a_resume(tmp_path, monkeypatch):
+    clock = iter([1000.0, 1030.0, 1030.0, 5000.0, 5012.5])
+    monkeypatch.setattr(run.time, "time", lambda: next(clock))
+    logger = run.RunLogger(tmp_path, Flags(), None)  # starts at t = 1000
+    logger.log({"global_step": 1})
+    counters = {"updates": 1}
+    logger.stamp(counters)  # t = 1030: what the next checkpoint saves
+    assert counters == {"updates": 1, "wall_time_s": 30.0, "metrics_rows": 1}
+    logger.close()
+    resumed = run.RunLogger(tmp_path, Flags(), counters)  # a new process at t = 1030 ... then 5000
+    assert resumed.wall_time() == pytest.approx(30.0 + 5000.0 - 1030.0)  # the stopped time does not count twice
+    assert resumed.wall_time() == pytest.approx(30.0 + 5012.5 - 1030.0) and resumed.rows == 1
+    resumed.close()
+
+
+class Meter(run.StatsMeter):
+    def __init__(self, stats: dict):
+        super().__init__()
+        self.stats = stats
+
+    def pop(self) -> dict:
+        return dict(self.stats)
+
+
+def test_a_training_row_holds_the_position_and_the_means_and_a_non_finite_one_is_never_written(tmp_path):
+    logger = run.RunLogger(tmp_path, Flags(), None)
+    counters = {"updates": 40, "env_steps": 3000, "rounds": 3, "round_updates_left": 7}
+    logger.log_stats(counters, Meter({"train/loss": 0.25}), {"phase": "online"})
+    with pytest.raises(run.NonFiniteLossError, match=r"\(train/loss\) at update 40"):
+        logger.log_stats(counters, Meter({"train/loss": float("nan")}), {"phase": "online"})
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"global_step": 40, "env_steps": 3000, "rounds": 3, "train/loss": 0.25, "phase": "online"}]
+
+
+@dataclass
+class Data:
+    family: str = "hopper"
+    dataset_kind: str = "random"
+
+
+@dataclass
+class Targets:
+    env_id: str = "hopper-random-v2"
+    learning_rate: float | None = None
+    batch_size: int | None = 32  # typed on the command line
+    g_eval: float | None = None
+    g_online: float | None = None
+
+
+def test_dataset_defaults_fill_only_unset_flags_say_so_and_a_missing_target_is_one_clear_error(capsys):
+    args = Targets()
+    filled = run.fill_defaults(args, {"learning_rate": 1e-4, "batch_size": 256, "g_eval": 3600.0, "g_online": 7200.0,
+                                      "not_a_flag": 1}, Data(), required=("g_eval", "g_online"))
+    assert (args.learning_rate, args.batch_size, args.g_eval, args.g_online) == (1e-4, 32, 3600.0, 7200.0)
+    assert filled == {"learning_rate": 1e-4, "g_eval": 3600.0, "g_online": 7200.0}
+    assert capsys.readouterr().out.strip() == ("per-dataset defaults (hopper-random): --learning-rate 0.0001, "
+                                               "--g-eval 3600, --g-online 7200")
+    assert run.fill_defaults(args, {"learning_rate": 1.0}, Data()) == {} and capsys.readouterr().out == ""
+    missing = r"'unknown-v0' \(family 'hopper', no reference score\)\. Pass --g-online\."
+    with pytest.raises(run.UserError, match=missing):
+        run.fill_defaults(Targets(env_id="unknown-v0", g_eval=1.0), {}, Data(), required=("g_eval", "g_online"))
+    run.fill_defaults(Targets(), {}, Data())  # nothing required: no error
+
+
+class Model(torch.nn.Linear):
+    def __init__(self):
+        super().__init__(2, 1)
+
+
+def test_a_finished_run_writes_its_model_then_summary_and_closes_the_metrics(tmp_path, capsys):
+    logger = run.RunLogger(tmp_path, Flags(), None)
+    summary = {"eval/return_mean": 12.0, "eval/return_std": 1.5, "eval/normalized_score_mean": 3.25,
+               "eval/normalized_score_std": 0.5}
+    assert run.finish_run(tmp_path, logger, summary, Model().state_dict()) == summary
+    assert logger.file.closed and json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert set(torch.load(tmp_path / "model.pt")) == {"weight", "bias"}
+    assert "final: return 12 ± 1.5, normalized score 3.25 ± 0.5" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    run.finish_run(other, run.RunLogger(other, Flags(), None), {"rows": []}, None, report=False)  # --no-save-model
+    assert not (other / "model.pt").exists() and (other / "summary.json").exists() and capsys.readouterr().out == ""
 
 def test_interval_fires_once_per_multiple_passed_counted_from_the_resume_point():
     every_10 = run.Interval(10, start=0)
@@ -235,3 +319,11 @@ def test_cost_estimate_scales_with_the_budget_and_points_to_the_cpu_preset(capsy
     run.print_cost_estimate(0.5, Flags(pretrain_updates=3600), online_updates=0)
     text = capsys.readouterr().out
     assert "≈ 30 min" in text and "finetuning" not in text and "--preset cpu" not in text
+
+
+def test_a_progress_bar_advances_to_a_position_and_shows_the_latest_return(capsys):
+    with run.progress_bar("finetuning", 10, 100, "step", True) as bar:  # resumed at 10
+        run.advance(bar, 40, ret="12.5")
+        run.advance(bar, 95, ret="30")
+        assert (bar.n, bar.postfix) == (95, "ret=30")
+    assert "ret=30" in capsys.readouterr().err

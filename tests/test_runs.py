@@ -229,9 +229,9 @@ def test_typed_cuda_without_a_gpu_says_it_runs_on_the_cpu(capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    assert pick_device(True, {"cuda"}).type == "cpu"
+    assert pick_device(True, "fp32", {"cuda"}) == (torch.device("cpu"), "fp32")
     assert "running on the CPU" in capsys.readouterr().out
-    assert pick_device(True, set()).type == "cpu" and capsys.readouterr().out == ""  # the default says nothing
+    assert pick_device(True, "bf16", set())[0].type == "cpu" and capsys.readouterr().out == ""  # the default: silent
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -301,7 +301,7 @@ def test_resume_keeps_exactly_the_rows_its_checkpoint_counted(script, tmp_path):
     module = importlib.import_module(script.removesuffix(".py"))
     rows = [{"global_step": s, "i": i} for i, s in enumerate((1, 5, 9, 9, 9))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"global_st')  # cut line
-    logger = module.run.RunLogger(tmp_path, module.Args(), resume_step=9, resume_rows=3)
+    logger = module.run.RunLogger(tmp_path, module.Args(), {"updates": 9, "metrics_rows": 3})
     assert logger.rows == 3
     logger.log({"global_step": 10})
     logger.close()
