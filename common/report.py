@@ -383,6 +383,18 @@ def aligned_steps(steps: list[np.ndarray], max_points: int = 60) -> np.ndarray:
     return np.unique(xs)
 
 
+def aligned_curves(curves: list[tuple[np.ndarray, np.ndarray]], max_points: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) of seeds' (steps, scores) curves on one grid. Seeds with as many evaluations (≤ max_points) are
+    aligned by index: point k holds every seed's k-th evaluation, drawn at their median step, so the last point
+    is the seeds' final scores, as in the table (interpolating at the earliest final step would draw a score no
+    seed had). Other schedules are interpolated onto `aligned_steps`."""
+    n = len(curves[0][0])
+    if n <= max_points and all(len(c[0]) == n for c in curves):
+        return np.median(np.stack([c[0] for c in curves]), axis=0), np.stack([c[1] for c in curves])
+    xs = aligned_steps([c[0] for c in curves], max_points)
+    return xs, np.stack([np.interp(xs, c[0], c[1]) for c in curves])
+
+
 def plot(rows: list[Row], title: str, path: Path, reps: int, seed: int) -> bool:
     import matplotlib
 
@@ -397,8 +409,7 @@ def plot(rows: list[Row], title: str, path: Path, reps: int, seed: int) -> bool:
         if any(c is None or len(c[0]) == 0 for c in curves):
             continue
         label = row.runs[0].x_label
-        xs = aligned_steps([c[0] for c in curves])
-        ys = np.stack([np.interp(xs, c[0], c[1]) for c in curves])
+        xs, ys = aligned_curves(curves)
         mid, lo, hi = iqm_curve(ys, reps, seed)
         if len(xs) == 1:  # evaluated only at the end: a point with its interval
             ax.errorbar(xs, mid, yerr=[mid - lo, hi - mid], fmt="o", capsize=5, label=f"{row.label} (n={len(ys)})")

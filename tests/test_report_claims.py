@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_report import make_run
 
-from common.report import MIN_SEEDS, aligned_steps, probability_of_improvement, write_report
+from common.report import MIN_SEEDS, aligned_curves, aligned_steps, probability_of_improvement, write_report
 
 pytest.importorskip("rliable")
 
@@ -71,3 +71,18 @@ def test_seeds_evaluated_at_slightly_different_steps_share_one_grid():
     # different schedules: an even grid with as many points as the shortest curve, within every curve's range
     xs = aligned_steps([np.array([0.0, 1000.0, 2000.0, 3000.0]), np.array([0.0, 1500.0, 2900.0])])
     np.testing.assert_allclose(xs, [0.0, 1450.0, 2900.0])
+
+
+def test_curves_with_as_many_evaluations_end_at_every_seeds_final_score():
+    """Rounds end past the budget at different steps (60.3k vs 63.2k): the curve's last point holds each seed's
+    final score (what the table's IQM is computed from), not a score interpolated at the shorter run's end."""
+    a = (np.array([0.0, 55880.0, 60269.0]), np.array([4.1, 31.6, 8.3]))
+    b = (np.array([0.0, 55784.0, 63193.0]), np.array([4.1, 14.3, 31.6]))
+    xs, ys = aligned_curves([a, b])
+    np.testing.assert_allclose(xs, [0.0, 55832.0, 61731.0])
+    np.testing.assert_allclose(ys[:, -1], [8.3, 31.6])  # interpolating b at 60269 would give 26.3
+    np.testing.assert_allclose(ys, [a[1], b[1]])
+    # a seed with one evaluation fewer: interpolated onto the shared grid, within every curve's range
+    xs, ys = aligned_curves([a, (b[0][:2], b[1][:2])])
+    np.testing.assert_allclose(xs, [0.0, 55784.0])
+    np.testing.assert_allclose(ys[:, -1], [np.interp(55784.0, a[0], a[1]), 14.3])

@@ -54,6 +54,10 @@ MUTANTS = [
     mutant("report/best-is-final", "best-during-training is the final score",
            ("common/report.py", "max(float(np.max(c[1])), s) for c, s in zip(curves, scores, strict=True)",
             "s for c, s in zip(curves, scores, strict=True)"), tests=["tests/test_report_claims.py"]),
+    mutant("report/curves-always-interpolated",
+           "seeds' curves are interpolated at the earliest final step, so the last point is a score no seed had",
+           ("common/report.py", "    if n <= max_points and all(len(c[0]) == n", "    if False and all(len(c[0]) == n"),
+           tests=["tests/test_report_claims.py"]),
 ]
 
 R = "common/run.py"
