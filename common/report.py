@@ -384,13 +384,18 @@ def aligned_steps(steps: list[np.ndarray], max_points: int = 60) -> np.ndarray:
 
 
 def aligned_curves(curves: list[tuple[np.ndarray, np.ndarray]], max_points: int = 60) -> tuple[np.ndarray, np.ndarray]:
-    """(xs, ys) of seeds' (steps, scores) curves on one grid. Seeds with as many evaluations (≤ max_points) are
+    """(xs, ys) of seeds' (steps, scores) curves on one grid. Seeds with as many evaluations (≤ max_points) whose
+    k-th steps lie closer together than consecutive evaluations (a round ends a little past each interval) are
     aligned by index: point k holds every seed's k-th evaluation, drawn at their median step, so the last point
     is the seeds' final scores, as in the table (interpolating at the earliest final step would draw a score no
-    seed had). Other schedules are interpolated onto `aligned_steps`."""
+    seed had). Other schedules are interpolated onto `aligned_steps`, never extrapolated."""
     n = len(curves[0][0])
     if n <= max_points and all(len(c[0]) == n for c in curves):
-        return np.median(np.stack([c[0] for c in curves]), axis=0), np.stack([c[1] for c in curves])
+        steps = np.stack([c[0] for c in curves])
+        xs = np.median(steps, axis=0)
+        spread = steps.max(0) - steps.min(0)
+        if n == 1 or (spread < np.diff(xs).min()).all():
+            return xs, np.stack([c[1] for c in curves])
     xs = aligned_steps([c[0] for c in curves], max_points)
     return xs, np.stack([np.interp(xs, c[0], c[1]) for c in curves])
 

@@ -56,7 +56,7 @@ MUTANTS = [
             "s for c, s in zip(curves, scores, strict=True)"), tests=["tests/test_report_claims.py"]),
     mutant("report/curves-always-interpolated",
            "seeds' curves are interpolated at the earliest final step, so the last point is a score no seed had",
-           ("common/report.py", "    if n <= max_points and all(len(c[0]) == n", "    if False and all(len(c[0]) == n"),
+           ("common/report.py", "        if n == 1 or (spread < np.diff(xs).min()).all():", "        if False:"),
            tests=["tests/test_report_claims.py"]),
 ]
 
